@@ -1,0 +1,44 @@
+"""A named (data, fsdp) mesh and the rule that places parameters and batches on it.
+
+Batches split over both axes. A parameter is split over `fsdp` along its largest axis that divides evenly
+(XLA gathers it for use) and replicated over `data`; with fsdp = 1 this is plain data parallelism.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if fsdp < 1 or n % fsdp:
+        raise ValueError(f"train.mesh.fsdp: {fsdp} does not divide the {n} devices")
+    if data == -1:
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"train.mesh: data {data} x fsdp {fsdp} != {n} devices")
+    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    n = mesh.shape["fsdp"]
+    spec: list = [None] * len(shape)
+    if n > 1:
+        for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+            if shape[axis] % n == 0 and shape[axis] >= n:
+                spec[axis] = "fsdp"
+                break
+    return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(mesh: Mesh, abstract_tree):
+    return jax.tree.map(lambda x: param_sharding(mesh, tuple(x.shape)), abstract_tree)

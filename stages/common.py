@@ -1,0 +1,261 @@
+"""What every stage shares: params and `--set`, one-line errors, atomic outputs, manifests, hashes.
+
+A stage may read only the params that `dvc.yaml` declares for it: `load_params` returns just those,
+so DVC's params tracking and the code cannot disagree without a KeyError in the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StageError(Exception):
+    """A whole-job input problem (bad param, missing path): reported as one line, exit code 2."""
+
+
+def fail(message: str) -> None:
+    raise StageError(message)
+
+
+def main_guard(fn) -> None:
+    """Run a stage's main; turn StageError into one line on stderr and exit code 2."""
+    try:
+        fn(sys.argv[1:])
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+
+def declared_params(stage: str, dvc_yaml: Path) -> list[str]:
+    spec = yaml.safe_load(dvc_yaml.read_text())
+    stages = spec.get("stages", {})
+    if stage not in stages:
+        fail(f"stage '{stage}' is not declared in {dvc_yaml}")
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        else:  # {file: [keys]}
+            for v in entry.values():
+                keys.extend(v)
+    return keys
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _coerce(key: str, old: Any, raw: str) -> Any:
+    new = yaml.safe_load(raw)
+    if old is None or new is None:
+        return new
+    if isinstance(old, bool) != isinstance(new, bool):
+        fail(f"--set {key}={raw}: expected {type(old).__name__}, got {type(new).__name__}")
+    if isinstance(old, float) and isinstance(new, int):
+        return float(new)
+    if isinstance(old, (int, float, str, list, dict)) and not isinstance(new, type(old)):
+        fail(f"--set {key}={raw}: expected {type(old).__name__}, got {type(new).__name__}")
+    return new
+
+
+def load_params(stage: str, argv: list[str], description: str = "") -> dict:
+    """Parse `[--params PATH] [--set key=value ...]`; return the declared subset of params.yaml."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one declared param, e.g. --set train.steps=100")
+    args = parser.parse_args(argv)
+    path = Path(args.params)
+    if not path.is_file():
+        fail(f"--params {path}: no such file")
+    params = yaml.safe_load(path.read_text()) or {}
+    dvc_yaml = path.resolve().parent / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        dvc_yaml = ROOT / "dvc.yaml"
+    keys = declared_params(stage, dvc_yaml)
+
+    for item in args.set:
+        if "=" not in item:
+            fail(f"--set {item}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        if not any(key == k or key.startswith(k + ".") for k in keys):
+            fail(f"--set {key}: unknown param for stage '{stage}' (declared: {', '.join(keys)})")
+        try:
+            old = _get(params, key)
+        except KeyError:
+            fail(f"--set {key}: no such key in {path}")
+        _set(params, key, _coerce(key, old, raw))
+
+    view: dict = {}
+    for k in keys:
+        try:
+            _set(view, k, _get(params, k))
+        except KeyError:
+            fail(f"param '{k}' declared for stage '{stage}' is missing from {path}")
+    return view
+
+
+def require(cond: bool, message: str) -> None:
+    if not cond:
+        fail(message)
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: Path, exclude: tuple[str, ...] = ()) -> str:
+    """One hash for a file or a folder: sorted relative paths and their contents."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_file() and rel not in exclude:
+            h.update(rel.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def tree_sha256(tree) -> str:
+    """Hash of a pytree of arrays in a canonical order (path, dtype, shape, bytes): the same weights give
+    the same hash whether they come from the trainer or from an Orbax restore."""
+    import jax
+
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        import numpy as np
+
+        arr = np.ascontiguousarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}\n".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "--verify", "-q", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return {"git_commit": commit or None, "dirty": dirty}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a fresh sibling temp folder; on success it replaces `final`, on failure it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.rename(path)
+
+
+class Manifest:
+    """Collects what a stage read, did and skipped; written as `manifest.json` in its output."""
+
+    def __init__(self, stage: str, params: dict):
+        self.stage = stage
+        self.params = params
+        self.started = time.time()
+        self.inputs: dict[str, str] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped: list[dict] = []
+        self.extra: dict[str, Any] = {}
+
+    def add_input(self, name: str, path: Path | str, exclude: tuple[str, ...] = ()) -> str:
+        digest = sha256_tree(Path(path), exclude)
+        self.inputs[name] = digest
+        return digest
+
+    def skip(self, item: str, reason: str) -> None:
+        self.skipped.append({"item": str(item), "reason": reason})
+
+    def write(self, out_dir: Path) -> dict:
+        doc = {
+            "stage": self.stage,
+            "params": self.params,
+            "inputs_sha256": self.inputs,
+            "counts": self.counts,
+            "skipped": self.skipped,
+            "code": code_version(),
+            "wall_time_s": round(time.time() - self.started, 3),
+            **self.extra,
+        }
+        write_json(Path(out_dir) / "manifest.json", doc)
+        return doc
+
+
+def read_manifest(out_dir: Path | str) -> dict:
+    path = Path(out_dir) / "manifest.json"
+    if not path.is_file():
+        fail(f"{path}: missing; run the upstream stage first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def require_path(path: Path | str, param: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        fail(f"{param}: path '{p}' does not exist")
+    return p

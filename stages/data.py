@@ -1,0 +1,124 @@
+"""data stage: an index of labelled RGB images (and, for the embedded default, the images themselves).
+
+Sources:
+- `digits`: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), drawn as dark ink on
+  white, upscaled to `data.image_size` and written as an ImageFolder under artifacts/data/images.
+- `imagefolder`: an external tree `<data.path>/<class>/<image>` (ImageNet train as synset folders); the
+  label is the sorted class-folder index. Images are not copied: the index records each file's sha256.
+
+Every file is decoded once here; undecodable or too-small files are skipped and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.common import Manifest, atomic_dir, fail, load_params, main_guard, sha256_file, write_json
+from stages.images import IMAGE_EXTENSIONS, BadImage, open_rgb
+
+OUT = Path("artifacts/data")
+
+
+def write_digits(images_dir: Path, image_size: int, manifest: Manifest) -> list[tuple[str, int]]:
+    import hashlib
+
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    manifest.inputs["sklearn_digits"] = hashlib.sha256(
+        np.ascontiguousarray(digits.images, np.float64).tobytes()
+        + np.ascontiguousarray(digits.target, np.int64).tobytes()).hexdigest()
+    items = []
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        ink = np.clip(np.round(255.0 - img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(ink, mode="L").resize((image_size, image_size), Image.BICUBIC)
+        rel = f"{int(label)}/{i:05d}.png"
+        (images_dir / str(int(label))).mkdir(parents=True, exist_ok=True)
+        pil.convert("RGB").save(images_dir / rel)
+        items.append((rel, int(label)))
+    return items
+
+
+def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        fail(f"data.path: '{root}' has no class folders (expected <root>/<class>/<image>)")
+    items, others = [], []
+    for label, name in enumerate(classes):
+        for p in sorted((root / name).rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(root).as_posix()
+                if p.suffix.lower() in IMAGE_EXTENSIONS:
+                    items.append((rel, label))
+                else:
+                    others.append((rel, f"not an image file ({p.suffix or 'no extension'})"))
+    return classes, items, others
+
+
+def inspect(args: tuple[str, str, int]) -> tuple[str, str | None, str | None]:
+    """(sha256, mode, None) for a usable image, or ("", None, reason)."""
+    path, _, min_size = args
+    try:
+        _, mode = open_rgb(path, min_size)
+    except BadImage as e:
+        return "", None, str(e)
+    return sha256_file(Path(path)), mode, None
+
+
+def main(argv: list[str]) -> None:
+    params = load_params("data", argv, __doc__)
+    cfg = params["data"]
+    source, size, min_size = cfg["source"], cfg["image_size"], cfg["min_size"]
+    if source not in ("digits", "imagefolder"):
+        fail(f"data.source: unknown source '{source}' (expected digits or imagefolder)")
+    if not isinstance(size, int) or size < 8:
+        fail(f"data.image_size: expected an integer >= 8, got {size!r}")
+    manifest = Manifest("data", params)
+
+    with atomic_dir(OUT) as tmp:
+        if source == "digits":
+            classes = [str(c) for c in range(10)]
+            items, others = write_digits(tmp / "images", size, manifest), []
+            root, root_str = tmp / "images", "images"
+        else:
+            if not cfg["path"]:
+                fail("data.path: required when data.source is imagefolder")
+            root = Path(cfg["path"]).expanduser().resolve()
+            if not root.is_dir():
+                fail(f"data.path: '{root}' is not a folder")
+            classes, items, others = list_imagefolder(root)
+            root_str = str(root)
+
+        jobs = [(str(root / rel), rel, min_size) for rel, _ in items]
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(inspect, jobs, chunksize=256))
+        kept, modes = [], {}
+        for (rel, label), (digest, mode, reason) in zip(items, results):
+            if reason:
+                manifest.skip(rel, reason)
+            else:
+                kept.append([rel, label, digest])
+                modes[mode] = modes.get(mode, 0) + 1
+        for rel, reason in others:
+            manifest.skip(rel, reason)
+        if not kept:
+            fail(f"data: no usable images under {root}")
+
+        write_json(tmp / "index.json", {"root": root_str, "classes": classes, "items": kept})
+        manifest.counts = {"total": len(items) + len(others), "processed": len(kept),
+                           "skipped": len(manifest.skipped), "classes": len(classes)}
+        manifest.extra["modes_converted_to_rgb"] = {m: n for m, n in modes.items() if m != "RGB"}
+        if source == "imagefolder":
+            manifest.inputs["images_index"] = "per-file sha256 in index.json"
+        manifest.write(tmp)
+    print(f"data: {len(kept)} images, {len(classes)} classes, {len(manifest.skipped)} skipped -> {OUT}")
+
+
+if __name__ == "__main__":
+    main_guard(main)
