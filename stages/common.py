@@ -76,6 +76,8 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 
 
 def _coerce(key: str, old: Any, raw: str) -> Any:
+    if isinstance(old, str):  # a string param takes the text as given: --set sample.num_sampling_steps=250
+        return raw
     new = yaml.safe_load(raw)
     if old is None or new is None:
         return new

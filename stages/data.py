@@ -24,7 +24,15 @@ from stages.images import IMAGE_EXTENSIONS, BadImage, open_rgb
 OUT = Path("artifacts/data")
 
 
-def write_digits(images_dir: Path, image_size: int, manifest: Manifest) -> list[tuple[str, int]]:
+def evenly_spaced(n: int, limit: int | None) -> list[int]:
+    """Indices of `limit` items spread over all n (so a smoke-test subset keeps every class)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, limit).round().astype(int).tolist()))
+
+
+def write_digits(images_dir: Path, image_size: int, manifest: Manifest,
+                 limit: int | None) -> list[tuple[str, int]]:
     import hashlib
 
     from sklearn.datasets import load_digits
@@ -34,7 +42,8 @@ def write_digits(images_dir: Path, image_size: int, manifest: Manifest) -> list[
         np.ascontiguousarray(digits.images, np.float64).tobytes()
         + np.ascontiguousarray(digits.target, np.int64).tobytes()).hexdigest()
     items = []
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i in evenly_spaced(len(digits.images), limit):
+        img, label = digits.images[i], digits.target[i]
         ink = np.clip(np.round(255.0 - img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
         pil = Image.fromarray(ink, mode="L").resize((image_size, image_size), Image.BICUBIC)
         rel = f"{int(label)}/{i:05d}.png"
@@ -78,12 +87,14 @@ def main(argv: list[str]) -> None:
         fail(f"data.source: unknown source '{source}' (expected digits or imagefolder)")
     if not isinstance(size, int) or size < 8:
         fail(f"data.image_size: expected an integer >= 8, got {size!r}")
+    if cfg["limit"] is not None and (not isinstance(cfg["limit"], int) or cfg["limit"] < 1):
+        fail(f"data.limit: expected a positive integer or null, got {cfg['limit']!r}")
     manifest = Manifest("data", params)
 
     with atomic_dir(OUT) as tmp:
         if source == "digits":
             classes = [str(c) for c in range(10)]
-            items, others = write_digits(tmp / "images", size, manifest), []
+            items, others = write_digits(tmp / "images", size, manifest, cfg["limit"]), []
             root, root_str = tmp / "images", "images"
         else:
             if not cfg["path"]:
@@ -92,6 +103,7 @@ def main(argv: list[str]) -> None:
             if not root.is_dir():
                 fail(f"data.path: '{root}' is not a folder")
             classes, items, others = list_imagefolder(root)
+            items = [items[i] for i in evenly_spaced(len(items), cfg["limit"])]
             root_str = str(root)
 
         jobs = [(str(root / rel), rel, min_size) for rel, _ in items]

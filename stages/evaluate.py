@@ -1,0 +1,69 @@
+"""evaluate stage: ADM's FID, sFID, IS, precision and recall of the samples against the reference, with
+the provenance that ties the numbers to the exact samples, reference, weights, checkpoint and code."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common import (Manifest, code_version, fail, load_params, main_guard, read_manifest,
+                           sha256_file, write_json)
+
+SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")
+UPSTREAM = ("data", "vae", "encode", "train", "sample", "reference")
+
+
+def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict:
+    """md5 of every out of each upstream stage as dvc.lock records it (absent before the first repro)."""
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {name: {o["path"]: o.get("md5") for o in stages[name].get("outs", [])}
+            for name in UPSTREAM if name in stages}
+
+
+def main(argv: list[str]) -> None:
+    params = load_params("evaluate", argv, __doc__)
+    cfg = params["evaluate"]
+    sample_manifest = read_manifest(SAMPLES)
+    read_manifest(REFERENCE)
+    samples, reference = SAMPLES / "samples.npz", REFERENCE / "reference.npz"
+
+    from metrics.adm import evaluate
+    from metrics.inception import InceptionV3
+
+    try:
+        inception = InceptionV3.load(cfg["inception_source"], cfg["inception_path"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"evaluate.inception_source/inception_path: {e}")
+
+    t0 = time.time()
+    try:
+        metrics = evaluate(str(reference), str(samples), inception, batch_size=cfg["batch_size"])
+    except ValueError as e:
+        fail(str(e))
+    manifest = Manifest("evaluate", params)
+    manifest.inputs = {"samples": sha256_file(samples), "reference": sha256_file(reference)}
+    provenance = {
+        "samples_sha256": manifest.inputs["samples"],
+        "reference_sha256": manifest.inputs["reference"],
+        "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256},
+        "checkpoint_step": sample_manifest["checkpoint_step"],
+        "ema_sha256": sample_manifest["ema_sha256"],
+        "sampler": sample_manifest["sampler"],
+        "num_samples": sample_manifest["counts"]["samples"],
+        "dvc_lock": dvc_lock_hashes(),
+        "code": code_version(),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_json(OUT / "metrics.json", {"metrics": metrics, "provenance": provenance})
+    manifest.counts = {"samples": provenance["num_samples"]}
+    manifest.extra["eval_s"] = round(time.time() - t0, 3)
+    manifest.write(OUT)
+    print("evaluate: " + ", ".join(f"{k}={v}" for k, v in metrics.items()) + f" -> {OUT}/metrics.json")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,65 @@
+"""reference stage: an ADM-format reference batch from the real images.
+
+The statistics (mu, sigma from pool_3; mu_s, sigma_s from the spatial features) use every image the data
+stage accepted, centre-cropped to `data.image_size` exactly as the encode stage sees them; `arr_0` keeps up
+to `reference.max_images` of them, evenly spaced over the index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
+                           require_path, sha256_file)
+from stages.images import BadImage, iter_items, load_image, read_index
+
+DATA, OUT = Path("artifacts/data"), Path("artifacts/reference")
+
+
+def main(argv: list[str]) -> None:
+    params = load_params("reference", argv, __doc__)
+    size, cfg, ev = params["data"]["image_size"], params["reference"], params["evaluate"]
+    if not isinstance(cfg["max_images"], int) or cfg["max_images"] < 1:
+        fail(f"reference.max_images: expected a positive integer, got {cfg['max_images']!r}")
+    require_path(DATA / "index.json", "artifacts/data")
+    read_manifest(DATA)
+
+    from metrics.adm import write_reference
+    from metrics.inception import InceptionV3
+
+    try:
+        inception = InceptionV3.load(ev["inception_source"], ev["inception_path"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"evaluate.inception_source/inception_path: {e}")
+
+    manifest = Manifest("reference", params)
+    manifest.add_input("data", DATA / "index.json")
+    images, labels = [], []
+    index = read_index(DATA)
+    for _, path, label in iter_items(index):
+        try:
+            images.append(load_image(path, size))
+            labels.append(label)
+        except BadImage as e:
+            manifest.skip(str(path), str(e))
+    if not images:
+        fail("artifacts/data: no readable images for the reference batch")
+    images = np.stack(images)
+    features = inception.features(images, batch_size=ev["batch_size"])
+    keep = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_images"], len(images))).round()
+                     .astype(int))
+    with atomic_dir(OUT) as tmp:
+        write_reference(tmp / "reference.npz", images[keep], features, feature_id=inception.feature_id)
+        manifest.counts = {"total": len(index["items"]), "processed": len(images),
+                           "skipped": len(manifest.skipped), "kept_in_arr_0": int(len(keep))}
+        manifest.extra.update({"inception": {"source": inception.source,
+                                             "weights_sha256": inception.weights_sha256},
+                               "reference_sha256": sha256_file(tmp / "reference.npz")})
+        manifest.write(tmp)
+    print(f"reference: statistics of {len(images)} images, {len(keep)} kept -> {OUT}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,30 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Tests import the project from the checkout and run stages with the interpreter running pytest.
+sys.path.insert(0, str(ROOT))
+
+
+def run_stage(stage: str, cwd: Path, *args: str, env: dict | None = None, check: bool = True,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<stage>` in `cwd` (a copy of the project's params.yaml/dvc.yaml)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stage {stage} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty run folder holding the project's params.yaml and dvc.yaml (stages write artifacts/ here)."""
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path

@@ -1,0 +1,112 @@
+"""`dvc repro` of the whole DAG on tiny params in a temporary copy of the repo."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": {"limit": 60},
+    "vae": {"steps": 30, "batch_size": 16},
+    "encode": {"shards": 2, "batch_size": 16, "num_workers": 2},
+    "train": {"steps": 12, "global_batch_size": 16, "log_every": 5, "ckpt_every": 10,
+              "depth": 2, "hidden_size": 64, "num_heads": 2},
+    "sample": {"num_samples": 20, "num_sampling_steps": "5", "batch_size": 10, "grid_per_class": 2},
+    "reference": {"max_images": 25},
+    "evaluate": {"batch_size": 20},
+}
+STAGES = ["data", "vae", "encode", "train", "sample", "reference", "evaluate"]
+
+
+def merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = merge(base[k], v) if isinstance(v, dict) else v
+    return base
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-6000:]}"
+    return out
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC repo holding a copy of the project with tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "artifacts", "__pycache__", ".pytest_cache", "cache", "tmp", "*.egg-info"))
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    (dst / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(dst), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    sh(["git", "init", "-q"], dst, env)
+    sh(["git", "add", "-A"], dst, env)
+    sh(["git", "commit", "-qm", "tiny"], dst, env)
+    out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
+    return dst, env, out
+
+
+def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
+    dst, _, out = repo
+    assert sorted(ran(out)) == sorted(STAGES), out[-3000:]
+    a = dst / "artifacts"
+    for stage, folder in [("data", "data"), ("vae", "vae"), ("encode", "latents"),
+                          ("train", "checkpoints"), ("sample", "samples"), ("reference", "reference"),
+                          ("evaluate", "eval")]:
+        m = json.loads((a / folder / "manifest.json").read_text())
+        assert m["stage"] == stage and m["code"]["git_commit"], stage
+        c = m["counts"]
+        if "total" in c:
+            assert c["processed"] + c["skipped"] == c["total"], (stage, c)
+    assert len(json.loads((a / "data/index.json").read_text())["items"]) == 60
+    assert json.loads((a / "vae/config.json").read_text())["scaling_factor"] > 0
+    assert len(list((a / "latents").glob("*.array_record"))) == 2
+    assert json.loads((a / "latents/manifest.json").read_text())["counts"]["records"] == 120
+    log = [json.loads(l) for l in (a / "logs/train.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 12 and all(np.isfinite(r["loss"]) for r in log)
+    with np.load(a / "samples/samples.npz", allow_pickle=False) as s:
+        assert s["arr_0"].shape == (20, 32, 32, 3) and s["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(s["arr_1"], np.arange(20) % 10)
+    assert (a / "samples/grid.png").stat().st_size > 0
+    with np.load(a / "reference/reference.npz", allow_pickle=False) as r:
+        assert r["arr_0"].shape == (25, 32, 32, 3) and r["mu"].shape == (2048,)
+    metrics = json.loads((a / "eval/metrics.json").read_text())
+    assert np.isfinite(metrics["metrics"]["fid"]) and metrics["metrics"]["fid"] > 0
+    prov = metrics["provenance"]
+    assert prov["checkpoint_step"] == 12 and len(prov["ema_sha256"]) == 64
+    assert set(prov["dvc_lock"]) >= {"data", "vae", "encode", "train", "sample", "reference"}
+
+
+def test_second_repro_runs_nothing(repo):
+    dst, env, _ = repo
+    out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
+    assert ran(out) == [], out
+
+
+def test_sample_param_reruns_only_sample_and_evaluate(repo):
+    dst, env, _ = repo
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["sample"]["cfg_scale"] = 2.0
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
+    assert sorted(ran(out)) == ["evaluate", "sample"], out
+    metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())
+    assert metrics["provenance"]["sampler"]["cfg_scale"] == 2.0

@@ -1,0 +1,86 @@
+"""The contract every stage keeps: declared params only, one-line errors with exit 2, atomic outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_stage
+from stages import common
+
+
+def test_params_view_holds_only_declared_keys(workdir):
+    view = common.load_params("vae", ["--params", str(workdir / "params.yaml")])
+    assert set(view) == {"data", "vae"}
+    assert set(view["data"]) == {"image_size"}  # vae reads data.image_size only
+    with pytest.raises(KeyError):
+        view["data"]["source"]
+
+
+def test_set_overrides_and_coerces(workdir):
+    view = common.load_params("train", ["--params", str(workdir / "params.yaml"),
+                                        "--set", "train.steps=7", "--set", "train.lr=1",
+                                        "--set", "train.mesh.fsdp=2"])
+    assert view["train"]["steps"] == 7
+    assert view["train"]["lr"] == 1.0 and isinstance(view["train"]["lr"], float)
+    assert view["train"]["mesh"] == {"data": -1, "fsdp": 2}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "data.bogus=1"], "data.bogus"),
+    (["--set", "train.steps=5"], "train.steps"),            # declared for train, not for data
+    (["--set", "data.image_size=big"], "data.image_size"),
+    (["--set", "data.image_size"], "KEY=VALUE"),
+    (["--params", "missing.yaml"], "missing.yaml"),
+    (["--set", "data.source=imagefolder"], "data.path"),
+    (["--set", "data.source=imagefolder", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
+    (["--set", "data.source=webdataset"], "data.source"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(workdir, args, needle):
+    proc = run_stage("data", workdir, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert not (workdir / "artifacts").exists() or not any((workdir / "artifacts").iterdir())
+
+
+@pytest.mark.parametrize("stage", ["encode", "train", "sample", "reference", "evaluate"])
+def test_missing_upstream_is_named(workdir, stage):
+    proc = run_stage(stage, workdir, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "artifacts/" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_atomic_dir_keeps_old_output_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with common.atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with common.atomic_dir(out) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left behind
+
+
+def test_every_stage_declares_its_code_and_params():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in spec.items():
+        assert stage["cmd"] == f"python -m stages.{name}"
+        assert f"stages/{name}.py" in stage["deps"]
+        for dep in stage["deps"]:
+            assert (ROOT / dep).exists() or dep.startswith("artifacts/"), dep
+        for key in common.declared_params(name, ROOT / "dvc.yaml"):
+            common._get(params, key)  # every declared key exists in params.yaml
+
+
+def test_tree_hash_is_canonical():
+    import numpy as np
+
+    a = {"b": np.ones(3, np.float32), "a": {"k": np.zeros((2, 2))}}
+    b = {"a": {"k": np.zeros((2, 2))}, "b": np.ones(3, np.float32)}
+    assert common.tree_sha256(a) == common.tree_sha256(b)
+    b["b"] = b["b"] + 1e-7
+    assert common.tree_sha256(a) != common.tree_sha256(b)
