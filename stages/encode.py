@@ -44,13 +44,16 @@ def main(argv: list[str]) -> None:
                            "records": records}
         if processed + len(skipped) != len(items):
             fail(f"encode: {processed} encoded + {len(skipped)} skipped != {len(items)} images")
-        latent = len(vae_config["block_out_channels"]) - 1
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        from pipelines.encode import decode_record
+
+        first = decode_record(ArrayRecordDataSource([str(tmp / shards[0]["file"])])[0])
         manifest.extra.update({
             "shards": shards,
             "num_classes": len(index["classes"]),
             "classes": index["classes"],
-            "latent_shape": [image_size >> latent, image_size >> latent,
-                             vae_config["latent_channels"]],
+            "latent_shape": list(first["mean"].shape),
             "scaling_factor": vae_config["scaling_factor"],
             "flip": cfg["flip"],
         })
