@@ -79,6 +79,11 @@ def _coerce(key: str, old: Any, raw: str) -> Any:
     if isinstance(old, str):  # a string param takes the text as given: --set sample.num_sampling_steps=250
         return raw
     new = yaml.safe_load(raw)
+    if isinstance(old, float) and isinstance(new, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) as a string
+            new = float(raw)
+        except ValueError:
+            pass
     if old is None or new is None:
         return new
     if isinstance(old, bool) != isinstance(new, bool):
