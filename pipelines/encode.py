@@ -113,7 +113,8 @@ def run(items: list[tuple[int, str, int]], vae_dir: str, out_dir: str, image_siz
     argv = [f"--runner={runner}", *(extra_options or [])]
     if runner == "DirectRunner":
         mode = "multi_processing" if num_workers > 1 else "in_memory"
-        argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={max(1, num_workers)}"]
+        argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={max(1, num_workers)}",
+                 "--default_sdk_harness_log_level=ERROR"]
     with beam.Pipeline(options=PipelineOptions(argv)) as p:
         encoded = (
             p

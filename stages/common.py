@@ -181,11 +181,13 @@ def code_version() -> dict:
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
+                                  timeout=30).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    commit = git("rev-parse", "--verify", "-q", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    commit = git("rev-parse", "--verify", "-q", "HEAD").strip()
+    # dirty: a tracked file differs from the commit; DVC's own bookkeeping (dvc.lock, .gitignore) is not code
+    changed = [e[3:] for e in git("status", "--porcelain", "-z", "--untracked-files=no").split("\0") if e]
+    dirty = any(Path(f).name not in ("dvc.lock", ".gitignore") for f in changed) if commit else None
     return {"git_commit": commit or None, "dirty": dirty}
 
 
@@ -227,6 +229,7 @@ class Manifest:
         self.params = params
         self.started = time.time()
         self.inputs: dict[str, str] = {}
+        self.input_paths: dict[str, dict] = {}  # how each input was hashed, so the audit can redo it
         self.counts: dict[str, int] = {}
         self.skipped: list[dict] = []
         self.extra: dict[str, Any] = {}
@@ -234,6 +237,7 @@ class Manifest:
     def add_input(self, name: str, path: Path | str, exclude: tuple[str, ...] = ()) -> str:
         digest = sha256_tree(Path(path), exclude)
         self.inputs[name] = digest
+        self.input_paths[name] = {"path": Path(path).as_posix(), "exclude": list(exclude)}
         return digest
 
     def skip(self, item: str, reason: str) -> None:
@@ -244,6 +248,7 @@ class Manifest:
             "stage": self.stage,
             "params": self.params,
             "inputs_sha256": self.inputs,
+            "input_paths": self.input_paths,
             "counts": self.counts,
             "skipped": self.skipped,
             "code": code_version(),

@@ -26,6 +26,9 @@ def main(argv: list[str]) -> None:
     if cfg["shards"] > len(items):
         fail(f"encode.shards: {cfg['shards']} shards for {len(items)} images; use at most one per image")
 
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # Beam's workers log every bundle at INFO/WARNING
     from pipelines.encode import run  # after the checks: importing Beam takes seconds
 
     manifest = Manifest("encode", params)

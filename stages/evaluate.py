@@ -45,7 +45,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         fail(str(e))
     manifest = Manifest("evaluate", params)
-    manifest.inputs = {"samples": sha256_file(samples), "reference": sha256_file(reference)}
+    manifest.add_input("samples", samples)
+    manifest.add_input("reference", reference)
     provenance = {
         "samples_sha256": manifest.inputs["samples"],
         "reference_sha256": manifest.inputs["reference"],

@@ -51,7 +51,7 @@ def repo(tmp_path_factory):
     """A git + DVC repo holding a copy of the project with tiny params, after one `dvc repro`."""
     dst = tmp_path_factory.mktemp("e2e") / "repo"
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "artifacts", "__pycache__", ".pytest_cache", "cache", "tmp", "*.egg-info"))
+        ".venv", ".git", "artifacts", "__pycache__", ".pytest_cache", "cache", "tmp", "*.egg-info", "dvc.lock"))
     params = yaml.safe_load((dst / "params.yaml").read_text())
     (dst / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -99,6 +99,35 @@ def test_second_repro_runs_nothing(repo):
     dst, env, _ = repo
     out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
     assert ran(out) == [], out
+
+
+def audit(dst, env):
+    return subprocess.run([sys.executable, "-m", "stages.audit"], cwd=dst, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_audit_holds_then_names_the_first_broken_link(repo):
+    dst, env, _ = repo
+    ok = audit(dst, env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "orbax step 12 EMA weights" in ok.stdout and "dvc status train" in ok.stdout
+
+    samples = dst / "artifacts/samples/samples.npz"
+    original = samples.read_bytes()
+    samples.write_bytes(original + b"\0")
+    try:
+        bad = audit(dst, env)
+    finally:
+        samples.write_bytes(original)
+    assert bad.returncode == 1 and "FAILED at 'metrics <- samples.npz'" in bad.stderr, bad.stderr
+
+    params = (dst / "params.yaml").read_text()
+    (dst / "params.yaml").write_text(params.replace("grid_per_class: 2", "grid_per_class: 3"))
+    try:
+        stale = audit(dst, env)
+    finally:
+        (dst / "params.yaml").write_text(params)
+    assert stale.returncode == 1 and "dvc status sample" in stale.stderr, stale.stdout + stale.stderr
 
 
 def test_sample_param_reruns_only_sample_and_evaluate(repo):
