@@ -1,0 +1,1 @@
+"""The DiT model library: pure JAX/Flax, no file I/O (weight conversion aside, in `dit.convert`)."""
