@@ -29,6 +29,7 @@ from metrics.errors import MetricsInputError
 
 META_KEY = "metrics_meta"  # uint8 JSON bytes: no pickle, and ADM's reader ignores unknown keys
 META_FORMAT = "dit-metrics-reference/1"
+REF_POOL_KEY = "arr_0_pool_3"  # pool_3 features of arr_0, so evaluate need not recompute them
 BLOCK = 10_000  # ADM's row and column batch sizes for the distance blocks
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 
@@ -250,7 +251,16 @@ def evaluate(ref_npz, sample_npz, inception, batch_size: int = 64,
     if ref_pre:  # check them now, not after an hour of Inception
         ref_stats = _reference_stats(ref_npz, ("mu", "sigma"), POOL_DIM)
         ref_stats_s = _reference_stats(ref_npz, ("mu_s", "sigma_s"), SPATIAL_DIM)
-    ref = batch_features(ref_npz, inception, batch_size)
+    if REF_POOL_KEY in ref_keys and read_meta(ref_npz) is not None:
+        # our reference stores pool_3 of its arr_0 (same network, checked by check_reference above):
+        # precision/recall need nothing else from the reference images, so Inception need not rerun
+        ref = {"pool_3": _finite_2d(npz.load(ref_npz, REF_POOL_KEY), f"{ref_npz}: {REF_POOL_KEY}",
+                                    np.float32)}
+        if ref["pool_3"].shape != (_image_info(ref_npz, "reference")[0], POOL_DIM):
+            raise MetricsInputError(f"{ref_npz}: {REF_POOL_KEY} has shape {ref['pool_3'].shape}; "
+                                    f"expected one {POOL_DIM}-d row per arr_0 image")
+    else:
+        ref = batch_features(ref_npz, inception, batch_size)
     if not ref_pre:
         ref_stats = statistics(ref["pool_3"], f"{ref_npz}: pool_3")
         ref_stats_s = statistics(ref["spatial"], f"{ref_npz}: spatial")
@@ -267,7 +277,8 @@ def evaluate(ref_npz, sample_npz, inception, batch_size: int = 64,
     }
 
 
-def write_reference(path, images: np.ndarray, features: dict, *, feature_id: str) -> None:
+def write_reference(path, images: np.ndarray, features: dict, *, feature_id: str,
+                    images_pool_3: np.ndarray | None = None) -> None:
     """An ADM reference batch: arr_0 (kept images) + mu/sigma (pool_3) + mu_s/sigma_s (spatial), computed
     from all `features` (which may cover more images than arr_0 keeps), + metadata naming the feature
     network (`InceptionV3.feature_id`) and the image size, so a mismatched reference is rejected."""
@@ -283,8 +294,14 @@ def write_reference(path, images: np.ndarray, features: dict, *, feature_id: str
                                 f"pool_3 ({POOL_DIM}) and spatial ({SPATIAL_DIM})")
     meta = {"format": META_FORMAT, "feature_id": feature_id, "image_size": list(images.shape[1:3]),
             "num_images": int(len(images)), "num_features": int(len(features["pool_3"]))}
-    npz.write_atomic(path, {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
-                            META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    arrays = {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
+              META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    if images_pool_3 is not None:  # pool_3 of the arr_0 images, in their order
+        if np.shape(images_pool_3) != (len(images), POOL_DIM):
+            raise MetricsInputError(f"{path}: images_pool_3 has shape {np.shape(images_pool_3)}; "
+                                    f"expected ({len(images)}, {POOL_DIM})")
+        arrays[REF_POOL_KEY] = np.asarray(images_pool_3, np.float32)
+    npz.write_atomic(path, arrays)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

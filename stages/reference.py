@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
     keep = np.unique(np.linspace(0, len(images) - 1, min(cfg["max_images"], len(images))).round()
                      .astype(int))
     with atomic_dir(OUT) as tmp:
-        write_reference(tmp / "reference.npz", images[keep], features, feature_id=inception.feature_id)
+        write_reference(tmp / "reference.npz", images[keep], features, feature_id=inception.feature_id,
+                        images_pool_3=features["pool_3"][keep])
         manifest.counts = {"total": len(index["items"]), "processed": len(images),
                            "skipped": len(manifest.skipped), "kept_in_arr_0": int(len(keep))}
         manifest.extra.update({"inception": {"source": inception.source,

@@ -2,6 +2,8 @@
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import linalg, special
@@ -143,6 +145,8 @@ def batches(tmp_path_factory, inception):
     smp_images = smp_images.astype(np.uint8)
     ref_feats = inception.features(ref_images, batch_size=BATCH)
     adm.write_reference(d / "ref.npz", ref_images, ref_feats, feature_id=inception.feature_id)
+    adm.write_reference(d / "ref_cached.npz", ref_images, ref_feats, feature_id=inception.feature_id,
+                        images_pool_3=ref_feats["pool_3"])
     np.savez(d / "ref_plain.npz", arr_0=ref_images)  # an ADM batch without statistics or metadata
     np.savez(d / "samples.npz", arr_0=smp_images)
     smp_feats = inception.features(smp_images, batch_size=BATCH)
@@ -165,9 +169,16 @@ def record_frechet(monkeypatch):
 def test_evaluate_wires_features_to_metrics(batches, inception, monkeypatch):
     d, ref, smp = batches
     calls = record_frechet(monkeypatch)
-    for ref_file in ("ref.npz", "ref_plain.npz"):
+    read = []
+    real_batch_features = adm.batch_features
+    monkeypatch.setattr(adm, "batch_features",
+                        lambda path, *a, **k: read.append(Path(path).name) or real_batch_features(path, *a, **k))
+    for ref_file in ("ref.npz", "ref_plain.npz", "ref_cached.npz"):
         calls.clear()
+        read.clear()
         res = adm.evaluate(d / ref_file, d / "samples.npz", inception, batch_size=BATCH)
+        # a reference that carries pool_3 of its arr_0 needs no Inception pass of its own
+        assert read == (["samples.npz"] if ref_file == "ref_cached.npz" else [ref_file, "samples.npz"])
         assert set(res) == {"inception_score", "fid", "sfid", "precision", "recall"}
         assert res["inception_score"] is None  # TorchScript weights: no softmax layer
         assert (res["fid"], res["sfid"]) == (1.0, 2.0)
