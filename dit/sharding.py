@@ -42,3 +42,10 @@ def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
 
 def tree_shardings(mesh: Mesh, abstract_tree):
     return jax.tree.map(lambda x: param_sharding(mesh, tuple(x.shape)), abstract_tree)
+
+
+def replicated_abstract(mesh: Mesh, abstract_tree):
+    """ShapeDtypeStructs placed whole on every device of `mesh` (a restore target that does not depend
+    on the topology a checkpoint was written with)."""
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract_tree)

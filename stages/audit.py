@@ -84,6 +84,7 @@ def check_checkpoint(chain: Chain, samples: dict) -> None:
     import orbax.checkpoint as ocp
 
     from dit.models import DiTConfig, init_params
+    from dit.sharding import make_mesh, replicated_abstract
     from stages.common import tree_sha256
 
     ckpt = ARTIFACTS / "checkpoints"
@@ -92,7 +93,8 @@ def check_checkpoint(chain: Chain, samples: dict) -> None:
     step = samples["checkpoint_step"]
     info = json.loads((ckpt / "model.json").read_text())
     config = DiTConfig(**info["dit"])
-    abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    abstract = replicated_abstract(make_mesh(1, 1, jax.devices()[:1]),
+                                   jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))
     try:
         mgr = ocp.CheckpointManager((ckpt / "orbax").resolve())
         ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))["ema"]
@@ -160,8 +162,8 @@ def main(argv: list[str]) -> int:
         chain.check("artifacts/samples/manifest.json", "present", None)
     else:
         chain.check("metrics.ema == samples manifest ema", prov["ema_sha256"], samples["ema_sha256"])
-        chain.check("metrics sampler == samples manifest", json.dumps(prov["sampler"], sort_keys=True),
-                    json.dumps(samples["sampler"], sort_keys=True))
+        chain.check("metrics sampler == samples manifest", _digest(prov["sampler"]),
+                    _digest(samples["sampler"]))
         if (ARTIFACTS / "checkpoints/manifest.json").is_file():
             check_checkpoint(chain, samples)
         else:

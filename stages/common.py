@@ -132,6 +132,24 @@ def load_params(stage: str, argv: list[str], description: str = "") -> dict:
     return view
 
 
+def init_distributed() -> None:
+    """Join a multi-host JAX job when the environment asks for one (call before any other JAX use).
+
+    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID: explicit (CPU hosts talk over gloo);
+    JAX_DISTRIBUTED=1: let JAX detect the cluster (TPU pods, SLURM). Otherwise one process.
+    """
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
 def require(cond: bool, message: str) -> None:
     if not cond:
         fail(message)

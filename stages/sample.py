@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
-                           sha256_file, tree_sha256)
+from stages.common import (Manifest, atomic_dir, fail, init_distributed, load_params, main_guard,
+                           read_manifest, sha256_file, tree_sha256)
 
 CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/samples")
 
@@ -64,7 +64,9 @@ def main(argv: list[str]) -> None:
     from dit import vae as vae_lib
     from dit.diffusion import create_diffusion
     from dit.models import DiT, DiTConfig, init_params
-    from dit.sharding import batch_sharding, make_mesh
+    from dit.sharding import batch_sharding, make_mesh, replicated_abstract
+
+    init_distributed()
 
     config = DiTConfig(**info["dit"])
     guided = cfg["guided_channels"]
@@ -80,7 +82,9 @@ def main(argv: list[str]) -> None:
     step = mgr.latest_step()
     if step is None:
         fail(f"{CKPT}/orbax: no checkpoint; rerun the train stage")
-    abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+    mesh = make_mesh(-1, 1)
+    abstract = replicated_abstract(mesh, jax.eval_shape(lambda k: init_params(config, k),
+                                                        jax.random.key(0)))
     ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))["ema"]
     ema_hash = tree_sha256(ema)
     if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
@@ -90,7 +94,6 @@ def main(argv: list[str]) -> None:
     vae = vae_lib.AutoencoderKL(vae_config)
 
     model = DiT(config)
-    mesh = make_mesh(-1, 1)
     n_dev = mesh.size
     batch = math.ceil(cfg["batch_size"] / n_dev) * n_dev
     shard = batch_sharding(mesh)
@@ -100,7 +103,8 @@ def main(argv: list[str]) -> None:
     h = config.input_size
     latent_shape = (h, h, config.in_channels)
 
-    def sample_batch(keys, labels):
+    def sample_batch(key_data, labels):
+        keys = jax.random.wrap_key_data(key_data)
         if use_cfg:
             keys2 = jnp.concatenate([keys, keys])
             y = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
@@ -127,8 +131,14 @@ def main(argv: list[str]) -> None:
 
     n = cfg["num_samples"]
     root = jax.random.fold_in(jax.random.key(params["seed"]), cfg["seed"])
-    all_keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n + batch))
+    # raw key data on the host: every process builds the same global arrays and keeps its own rows
+    all_keys = np.asarray(jax.random.key_data(
+        jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n + batch))))
     all_labels = np.arange(n + batch, dtype=np.int32) % num_classes
+
+    def put(host):
+        return jax.make_array_from_callback(host.shape, shard, lambda idx: host[idx])
+
 
     manifest = Manifest("sample", params)
     manifest.add_input("checkpoints", CKPT)
@@ -137,8 +147,7 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     compile_s = None
     for start in range(0, n, batch):
-        keys = jax.device_put(all_keys[start:start + batch], shard)
-        labels = jax.device_put(all_labels[start:start + batch], shard)
+        keys, labels = put(all_keys[start:start + batch]), put(all_labels[start:start + batch])
         out = multihost_utils.process_allgather(sample_batch(keys, labels), tiled=True)
         if compile_s is None:
             compile_s = time.time() - t0

@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
-                           tree_sha256, write_json)
+from stages.common import (Manifest, atomic_dir, fail, init_distributed, load_params, main_guard,
+                           read_manifest, tree_sha256, write_json)
 
 LATENTS, OUT, LOG = Path("artifacts/latents"), Path("artifacts/checkpoints"), Path("artifacts/logs/train.jsonl")
 
@@ -60,6 +60,8 @@ def main(argv: list[str]) -> None:
     from dit.models import DiT, init_params
     from dit.sharding import batch_sharding, make_mesh, tree_shardings
     from stages.loader import make_loader
+
+    init_distributed()
 
     config = model_config(cfg, latents)
     try:

@@ -100,3 +100,34 @@ def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, tr
     assert eight["devices"] == 8 and eight["mesh"] == {"data": 2, "fsdp": 4}
     # the same data, keys and math; only the order of floating-point sums across devices differs
     np.testing.assert_allclose([r["loss"] for r in log8], [r["loss"] for r in log1], rtol=1e-4)
+
+
+def test_samples_identical_across_two_hosts(latents, trained):
+    """Two JAX processes on loopback (gloo) form one 2-device mesh; process 0 writes the same bytes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_stage("sample", latents, *SAMPLE, env=ONE)
+    out = latents / "artifacts/samples/samples.npz"
+    with np.load(out, allow_pickle=False) as s:
+        single = s["arr_0"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE, "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "stages.sample", *SAMPLE], cwd=latents,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    m = json.loads((latents / "artifacts/samples/manifest.json").read_text())
+    assert m["devices"] == 2
+    with np.load(out, allow_pickle=False) as s:
+        np.testing.assert_array_equal(s["arr_0"], single)
