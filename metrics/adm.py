@@ -222,6 +222,20 @@ def _reference_stats(path, names: tuple[str, str], dim: int):
     return _check_stats(mu, sigma, f"{path}: {names[0]}/{names[1]}", dim=dim)
 
 
+def check_adm_batch(path, image_size: int | None = None) -> dict:
+    """Validate a given ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) before it is used:
+    uint8 NHWC arr_0 (at `image_size` if given), no object arrays, finite statistics of the right size."""
+    n, h, w = _image_info(path, "reference")
+    if image_size is not None and (h, w) != (image_size, image_size):
+        raise MetricsInputError(f"{path}: reference images are {h}x{w}, not data.image_size "
+                                f"{image_size}x{image_size}")
+    keys = set(npz.keys(path))
+    for names, dim in ((("mu", "sigma"), POOL_DIM), (("mu_s", "sigma_s"), SPATIAL_DIM)):
+        if set(names) <= keys:
+            _reference_stats(path, names, dim)
+    return {"images": n, "image_size": [h, w], "statistics": sorted(keys & {"mu", "sigma", "mu_s", "sigma_s"})}
+
+
 def check_reference(ref_npz, sample_npz, inception) -> None:
     """Reject, before any work, a reference that cannot be compared with these samples."""
     _, rh, rw = _image_info(ref_npz, "reference")

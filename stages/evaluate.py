@@ -27,6 +27,7 @@ def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict:
 def main(argv: list[str]) -> None:
     params = load_params("evaluate", argv, __doc__)
     cfg = params["evaluate"]
+    manifest = Manifest("evaluate", params)
     sample_manifest = read_manifest(SAMPLES)
     read_manifest(REFERENCE)
     samples, reference = SAMPLES / "samples.npz", REFERENCE / "reference.npz"
@@ -44,7 +45,6 @@ def main(argv: list[str]) -> None:
         metrics = evaluate(str(reference), str(samples), inception, batch_size=cfg["batch_size"])
     except ValueError as e:
         fail(str(e))
-    manifest = Manifest("evaluate", params)
     manifest.add_input("samples", samples)
     manifest.add_input("reference", reference)
     provenance = {

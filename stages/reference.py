@@ -2,11 +2,13 @@
 
 The statistics (mu, sigma from pool_3; mu_s, sigma_s from the spatial features) use every image the data
 stage accepted, centre-cropped to `data.image_size` exactly as the encode stage sees them; `arr_0` keeps up
-to `reference.max_images` of them, evenly spaced over the index.
+to `reference.max_images` of them, evenly spaced over the index. With `reference.adm_batch` set, a published
+ADM reference batch (VIRTUAL_imagenet256_labeled.npz) is checked, hashed and used as it is.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,35 @@ from stages.images import BadImage, iter_items, load_image, read_index
 DATA, OUT = Path("artifacts/data"), Path("artifacts/reference")
 
 
+def use_adm_batch(path: Path, size: int, params: dict) -> None:
+    """Take a published ADM reference batch as it is (checked, copied, hashed): the paper's FIDs use
+    VIRTUAL_imagenet256_labeled.npz, not statistics of one's own copy of ImageNet."""
+    from metrics.adm import check_adm_batch
+
+    require_path(path, "reference.adm_batch")
+    try:
+        info = check_adm_batch(path, size)
+    except ValueError as e:
+        fail(str(e))
+    manifest = Manifest("reference", params)
+    manifest.add_input("adm_batch", path)
+    with atomic_dir(OUT) as tmp:
+        shutil.copyfile(path, tmp / "reference.npz")
+        manifest.counts = {"total": info["images"], "processed": info["images"], "skipped": 0,
+                           "kept_in_arr_0": info["images"]}
+        manifest.extra.update({"adm_batch": str(path), "statistics": info["statistics"],
+                               "reference_sha256": sha256_file(tmp / "reference.npz")})
+        manifest.write(tmp)
+    print(f"reference: ADM batch {path} ({info['images']} images) -> {OUT}")
+
+
 def main(argv: list[str]) -> None:
     params = load_params("reference", argv, __doc__)
     size, cfg, ev = params["data"]["image_size"], params["reference"], params["evaluate"]
     if not isinstance(cfg["max_images"], int) or cfg["max_images"] < 1:
         fail(f"reference.max_images: expected a positive integer, got {cfg['max_images']!r}")
+    if cfg["adm_batch"]:
+        return use_adm_batch(Path(cfg["adm_batch"]), size, params)
     require_path(DATA / "index.json", "artifacts/data")
     read_manifest(DATA)
 
