@@ -81,23 +81,20 @@ def check_manifests(chain: Chain, start: Path) -> None:
 def check_checkpoint(chain: Chain, samples: dict) -> None:
     """Restore the EMA weights the samples name, and hash them."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from dit.models import DiTConfig, init_params
-    from dit.sharding import make_mesh, replicated_abstract
+    from dit.models import DiTConfig
+    from dit.sharding import make_mesh
+    from stages import checkpoint
     from stages.common import tree_sha256
 
     ckpt = ARTIFACTS / "checkpoints"
     train = json.loads((ckpt / "manifest.json").read_text())
     chain.check("samples.ema == checkpoints manifest ema", samples["ema_sha256"], train["ema_sha256"])
     step = samples["checkpoint_step"]
-    info = json.loads((ckpt / "model.json").read_text())
-    config = DiTConfig(**info["dit"])
-    abstract = replicated_abstract(make_mesh(1, 1, jax.devices()[:1]),
-                                   jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0)))
+    config = DiTConfig(**json.loads((ckpt / "model.json").read_text())["dit"])
     try:
-        mgr = ocp.CheckpointManager((ckpt / "orbax").resolve())
-        ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))["ema"]
+        ema = checkpoint.restore_ema(checkpoint.manager(ckpt), step, config,
+                                     make_mesh(1, 1, jax.devices()[:1]))
         got = tree_sha256(ema)
     except Exception as e:  # a missing or damaged step: the link fails, the audit goes on
         got = f"restore failed: {type(e).__name__}"

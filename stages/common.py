@@ -183,12 +183,11 @@ def tree_sha256(tree) -> str:
     """Hash of a pytree of arrays in a canonical order (path, dtype, shape, bytes): the same weights give
     the same hash whether they come from the trainer or from an Orbax restore."""
     import jax
+    import numpy as np
 
     h = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        import numpy as np
-
         arr = np.ascontiguousarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}\n".encode())
         h.update(arr.tobytes())

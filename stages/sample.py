@@ -57,14 +57,14 @@ def main(argv: list[str]) -> None:
 
     import jax
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
     from jax.experimental import multihost_utils
     from PIL import Image
 
     from dit import vae as vae_lib
     from dit.diffusion import create_diffusion
-    from dit.models import DiT, DiTConfig, init_params
-    from dit.sharding import batch_sharding, make_mesh, replicated_abstract
+    from dit.models import DiT, DiTConfig
+    from dit.sharding import batch_sharding, make_mesh
+    from stages import checkpoint
 
     init_distributed()
 
@@ -78,14 +78,12 @@ def main(argv: list[str]) -> None:
     except (ValueError, KeyError) as e:
         fail(f"sample.num_sampling_steps: {e}")
 
-    mgr = ocp.CheckpointManager((CKPT / "orbax").resolve())
+    mgr = checkpoint.manager(CKPT)
     step = mgr.latest_step()
     if step is None:
         fail(f"{CKPT}/orbax: no checkpoint; rerun the train stage")
     mesh = make_mesh(-1, 1)
-    abstract = replicated_abstract(mesh, jax.eval_shape(lambda k: init_params(config, k),
-                                                        jax.random.key(0)))
-    ema = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))["ema"]
+    ema = checkpoint.restore_ema(mgr, step, config, mesh)
     ema_hash = tree_sha256(ema)
     if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
         fail(f"{CKPT}: restored EMA weights hash {ema_hash[:12]} != manifest "

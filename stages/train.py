@@ -54,11 +54,11 @@ def main(argv: list[str]) -> None:
     import jax
     import jax.numpy as jnp
     import optax
-    import orbax.checkpoint as ocp
 
     from dit.diffusion import create_diffusion
     from dit.models import DiT, init_params
     from dit.sharding import batch_sharding, make_mesh, tree_shardings
+    from stages import checkpoint
     from stages.loader import make_loader
 
     init_distributed()
@@ -128,10 +128,8 @@ def main(argv: list[str]) -> None:
     LOG.parent.mkdir(parents=True, exist_ok=True)
     log_tmp = LOG.with_name(f".{LOG.name}.tmp")
     with atomic_dir(OUT) as tmp, open(log_tmp, "w") as log:
-        mgr = ocp.CheckpointManager(
-            (tmp / "orbax").resolve(),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=cfg["ckpt_every"],
-                                                 max_to_keep=3, create=True))
+        mgr = checkpoint.manager(tmp, save_interval_steps=cfg["ckpt_every"], max_to_keep=3,
+                                 create=True)
         state = init_state(init_key)
         it = iter(loader)
         t0 = time.time()
@@ -160,11 +158,7 @@ def main(argv: list[str]) -> None:
                 print(f"train: step {step + 1}/{cfg['steps']} loss {mean_loss:.4f} {img_s:.1f} img/s",
                       flush=True)
                 last, losses = now, []
-            mgr.save(step + 1, args=ocp.args.Composite(
-                ema=ocp.args.StandardSave(state["ema"]),
-                state=ocp.args.StandardSave({"params": state["params"],
-                                             "opt_state": state["opt_state"]})),
-                     force=step + 1 == cfg["steps"])
+            checkpoint.save(mgr, step + 1, state, force=step + 1 == cfg["steps"])
         mgr.wait_until_finished()
         mgr.close()
         wall = time.time() - t0
