@@ -3,6 +3,8 @@ same images in the same run. Prints img/s for both and ours / torch (goal >= 1).
 
 Both do the same work per image: 299x299 uint8 -> (x - 128) / 128 -> the network -> pool_3 (ours also
 returns the mixed_6 spatial features, which cost nothing extra). Our compile time is reported apart.
+On CPU ours is compiled with `metrics.inception.CPU_OPTIONS` (XLA's Eigen convolutions instead of its
+YNNPACK ones); the line "XLA options" shows what was used.
 
 --onednn sets `--xla_cpu_use_onednn=true` before JAX starts (features stay bit-identical); on the shared
 2-core development machine its effect was within the run-to-run noise, so it is off by default.
@@ -45,7 +47,7 @@ def main() -> None:
     import jax
     import torch
 
-    from metrics.inception import InceptionV3
+    from metrics.inception import InceptionV3, cpu_compiler_options
 
     images = np.random.default_rng(0).integers(0, 256, (args.images, 299, 299, 3), dtype=np.uint8)
     b = args.batch_size
@@ -73,6 +75,8 @@ def main() -> None:
     print(f"device: {jax.devices()[0].platform} x{len(jax.devices())}, torch threads {torch.get_num_threads()}, "
           f"{n} images of 299x299, batch {b}, best of {args.repeats}, "
           f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'")
+    if jax.devices()[0].platform == "cpu":
+        print(f"XLA options for ours: {cpu_compiler_options() or 'defaults (this XLA lacks the option)'}")
     print(f"ours (JAX):   compile+first batch {compile_s:.1f} s, steady {n / ours_s:.2f} img/s")
     print(f"torch (TorchScript): {n / torch_s:.2f} img/s")
     print(f"ratio ours / torch: {torch_s / ours_s:.2f}")
