@@ -12,6 +12,11 @@ side's median and best round in wall time and its median process CPU time per st
 --single-thread runs both sides on one thread (XLA without its Eigen thread pool, torch with 1
 thread): a steadier comparison of the work each side does when other jobs share the machine. (`--xla_cpu_use_thunk_runtime=false` is no longer supported by the
 XLA in jax 0.10 -- it only prints a warning -- so no XLA flags are set here.)
+
+The report ends with the GEMM floor: every matmul of the linear layers in one step (forward y = xW,
+backward dx = dy W^T and dW = x^T dy, for qkv, proj, fc1 and fc2 of every block), each timed on its own in
+XLA and in torch. These are ~97% of the step's flops, so "peer step / our GEMM floor" bounds the ratio
+ours could reach if everything else -- attention, norms, activations, AdamW -- cost nothing.
 """
 
 from __future__ import annotations
@@ -129,6 +134,40 @@ def setup_peer(model_name, batch, seed=0):
     return run, torch.get_num_threads()
 
 
+def block_gemms(cfg, batch):
+    """(M, K, N) of each linear-layer matmul in one block's forward and backward."""
+    m, d, h = batch * cfg.num_patches, cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    shapes = []
+    for k, n in ((d, 3 * d), (d, d), (d, h), (h, d)):  # qkv, proj, fc1, fc2
+        shapes += [(m, k, n), (m, n, k), (k, m, n)]  # y = x W, dx = dy W^T, dW = x^T dy
+    return shapes
+
+
+def gemm_floor(model_name, batch, repeats=5):
+    """Seconds per step that the linear layers' matmuls alone take: (ours in XLA, peer in torch)."""
+    import jax
+    import torch
+
+    from dit.models import dit_config
+
+    cfg = dit_config(model_name)
+    rng = np.random.default_rng(0)
+    mm = jax.jit(lambda a, b: a @ b)
+    total = {"ours": 0.0, "peer": 0.0}
+    for m, k, n in block_gemms(cfg, batch):
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        ja, jb, ta, tb = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
+        for name, fn in (("ours", lambda: mm(ja, jb).block_until_ready()), ("peer", lambda: ta @ tb)):
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            total[name] += cfg.depth * float(np.median(times))
+    return total["ours"], total["peer"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="DiT-S/2")
@@ -167,6 +206,10 @@ def main(argv=None):
           f"CPU time {pc / oc:.2f}x; per round (wall) {per_round}")
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "
           "is the steadier measure of the work each side does)")
+    floor_ours, floor_peer = gemm_floor(args.model, args.batch)
+    print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone): ours {1000 * floor_ours:.0f} ms "
+          f"({100 * floor_ours / ow:.0f}% of our step), peer {1000 * floor_peer:.0f} ms ({100 * floor_peer / pw:.0f}% "
+          f"of its step); the highest ratio ours could reach with everything else free: {pw / floor_ours:.2f}x")
 
 
 if __name__ == "__main__":
