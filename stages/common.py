@@ -185,8 +185,16 @@ def tree_sha256(tree) -> str:
     import jax
     import numpy as np
 
+    from jax.experimental import multihost_utils
+
+    def fetch(leaf):
+        # A tree sharded over several hosts (FSDP) is gathered (a collective: every process calls this).
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
+            return multihost_utils.process_allgather(leaf, tiled=True)
+        return jax.device_get(leaf)
+
     h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(jax.tree.map(fetch, tree))[0]
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
         arr = np.ascontiguousarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}\n".encode())
@@ -212,23 +220,55 @@ def code_version() -> dict:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path | str) -> Iterator[Path]:
-    """Yield a fresh sibling temp folder; on success it replaces `final`, on failure it is removed."""
+def atomic_dir(final: Path | str, shared: bool = False) -> Iterator[Path]:
+    """Yield a fresh sibling temp folder; on success it replaces `final`, on failure it is removed.
+
+    shared=True is for a folder that every JAX process writes into (Orbax's multi-host checkpoints, on a
+    filesystem all hosts see): the processes agree on one temp name, process 0 makes the folder and
+    renames it into place, and the others meet it at a barrier before and after writing.
+    """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    multi = shared and _process_count() > 1
+    primary = not multi or _process_index() == 0
+    tmp = final.with_name(f".{final.name}.tmp-{'shared' if multi else os.getpid()}")
+    if primary:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if multi:
+        _barrier(f"atomic_dir open {final}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if multi:
+        _barrier(f"atomic_dir close {final}")
+    if primary:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def write_json(path: Path, obj: Any) -> None:

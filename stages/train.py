@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -125,9 +126,12 @@ def main(argv: list[str]) -> None:
 
     manifest = Manifest("train", params)
     manifest.add_input("latents", LATENTS)
+    # Every process writes its part of the Orbax checkpoints into one shared folder; process 0 alone
+    # writes the log, model.json and the manifest.
+    primary = jax.process_index() == 0
     LOG.parent.mkdir(parents=True, exist_ok=True)
     log_tmp = LOG.with_name(f".{LOG.name}.tmp")
-    with atomic_dir(OUT) as tmp, open(log_tmp, "w") as log:
+    with atomic_dir(OUT, shared=True) as tmp, open(log_tmp if primary else os.devnull, "w") as log:
         mgr = checkpoint.manager(tmp, save_interval_steps=cfg["ckpt_every"], max_to_keep=3,
                                  create=True)
         state = init_state(init_key)
@@ -163,22 +167,26 @@ def main(argv: list[str]) -> None:
         mgr.close()
         wall = time.time() - t0
 
-        write_json(tmp / "model.json", {
-            "dit": dataclasses.asdict(config), "scaling_factor": scale,
-            "classes": latents["classes"], "learn_sigma": config.learn_sigma,
-            "diffusion_steps": diffusion.num_timesteps, "final_step": cfg["steps"]})
-        manifest.counts = {"steps": cfg["steps"], "images_seen": cfg["steps"] * cfg["global_batch_size"]}
-        manifest.extra.update({
-            "ema_sha256": tree_sha256(state["ema"]),
-            "final_step": cfg["steps"],
-            "devices": jax.device_count(), "processes": jax.process_count(),
-            "mesh": dict(mesh.shape),
-            "compile_s": round(compile_s, 3),
-            "steady_img_per_s": round((cfg["steps"] - 1) * cfg["global_batch_size"]
-                                      / max(wall - compile_s, 1e-9), 2),
-        })
-        manifest.write(tmp)
-    log_tmp.rename(LOG)
+        ema_sha256 = tree_sha256(state["ema"])  # a collective when the EMA is sharded over hosts
+        if primary:
+            write_json(tmp / "model.json", {
+                "dit": dataclasses.asdict(config), "scaling_factor": scale,
+                "classes": latents["classes"], "learn_sigma": config.learn_sigma,
+                "diffusion_steps": diffusion.num_timesteps, "final_step": cfg["steps"]})
+            manifest.counts = {"steps": cfg["steps"],
+                               "images_seen": cfg["steps"] * cfg["global_batch_size"]}
+            manifest.extra.update({
+                "ema_sha256": ema_sha256,
+                "final_step": cfg["steps"],
+                "devices": jax.device_count(), "processes": jax.process_count(),
+                "mesh": dict(mesh.shape),
+                "compile_s": round(compile_s, 3),
+                "steady_img_per_s": round((cfg["steps"] - 1) * cfg["global_batch_size"]
+                                          / max(wall - compile_s, 1e-9), 2),
+            })
+            manifest.write(tmp)
+    if primary:
+        log_tmp.rename(LOG)
     print(f"train: {cfg['steps']} steps in {wall:.1f}s -> {OUT}")
 
 

@@ -102,8 +102,8 @@ def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, tr
     np.testing.assert_allclose([r["loss"] for r in log8], [r["loss"] for r in log1], rtol=1e-4)
 
 
-def test_samples_identical_across_two_hosts(latents, trained):
-    """Two JAX processes on loopback (gloo) form one 2-device mesh; process 0 writes the same bytes."""
+def run_two_hosts(stage, wd, *args):
+    """`python -m stages.<stage>` as two JAX processes on loopback (gloo), one CPU device each."""
     import os
     import socket
     import subprocess
@@ -111,10 +111,6 @@ def test_samples_identical_across_two_hosts(latents, trained):
 
     from conftest import ROOT
 
-    run_stage("sample", latents, *SAMPLE, env=ONE)
-    out = latents / "artifacts/samples/samples.npz"
-    with np.load(out, allow_pickle=False) as s:
-        single = s["arr_0"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -123,11 +119,48 @@ def test_samples_identical_across_two_hosts(latents, trained):
         env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE, "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "stages.sample", *SAMPLE], cwd=latents,
+        procs.append(subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *args], cwd=wd,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # a process waiting at a barrier the other never reaches
+        for p in procs:
+            p.kill()
+        raise AssertionError(f"stages.{stage} on two hosts did not finish in 300 s:\n"
+                             + "\n".join(p.communicate()[0] for p in procs)[-4000:]) from None
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+
+
+def test_samples_identical_across_two_hosts(latents, trained):
+    """Two JAX processes on loopback (gloo) form one 2-device mesh; process 0 writes the same bytes."""
+    run_stage("sample", latents, *SAMPLE, env=ONE)
+    out = latents / "artifacts/samples/samples.npz"
+    with np.load(out, allow_pickle=False) as s:
+        single = s["arr_0"]
+    run_two_hosts("sample", latents, *SAMPLE)
     m = json.loads((latents / "artifacts/samples/manifest.json").read_text())
     assert m["devices"] == 2
     with np.load(out, allow_pickle=False) as s:
         np.testing.assert_array_equal(s["arr_0"], single)
+
+
+def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, trained):
+    """Two processes, the parameters FSDP-sharded across them: both write their shards into one Orbax
+    folder, process 0 renames it into place, and a one-process sampler restores an EMA with the hash
+    the trainer recorded (it refuses any other)."""
+    ckpt = latents / "artifacts/checkpoints"
+    try:
+        run_two_hosts("train", latents, *TRAIN, "--set", "train.mesh={data: 1, fsdp: 2}")
+        m = json.loads((ckpt / "manifest.json").read_text())
+        assert m["processes"] == 2 and m["devices"] == 2 and m["mesh"] == {"data": 1, "fsdp": 2}
+        assert m["counts"] == {"steps": 6, "images_seen": 96}
+        steps = sorted(int(p.name) for p in (ckpt / "orbax").iterdir() if p.name.isdigit())
+        assert steps[-1] == 6 and 3 in steps
+        assert not list(ckpt.parent.glob(".checkpoints.*")), "a temp folder was left behind"
+        log = [json.loads(l) for l in (latents / "artifacts/logs/train.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 4, 6] and all(np.isfinite(r["loss"]) for r in log)
+        run_stage("sample", latents, *SAMPLE, env=ONE)
+        sm = json.loads((latents / "artifacts/samples/manifest.json").read_text())
+        assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 6
+    finally:  # leave the module's one-process checkpoint for the tests after this one
+        train(latents, ONE)
