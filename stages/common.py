@@ -228,8 +228,8 @@ def atomic_dir(final: Path | str, shared: bool = False) -> Iterator[Path]:
     renames it into place, and the others meet it at a barrier before and after writing.
     """
     final = Path(final)
-    multi = shared and _process_count() > 1
-    primary = not multi or _process_index() == 0
+    rank, count = _jax_process(shared)
+    multi, primary = count > 1, rank == 0
     tmp = final.with_name(f".{final.name}.tmp-{'shared' if multi else os.getpid()}")
     if primary:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -253,16 +253,13 @@ def atomic_dir(final: Path | str, shared: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _process_count() -> int:
+def _jax_process(in_cluster: bool) -> tuple[int, int]:
+    """(this process's index, the number of processes) of the JAX cluster; (0, 1) outside one."""
+    if not in_cluster:
+        return 0, 1
     import jax
 
-    return jax.process_count()
-
-
-def _process_index() -> int:
-    import jax
-
-    return jax.process_index()
+    return jax.process_index(), jax.process_count()
 
 
 def _barrier(name: str) -> None:
