@@ -144,23 +144,22 @@ def test_samples_identical_across_two_hosts(latents, trained):
         np.testing.assert_array_equal(s["arr_0"], single)
 
 
-def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, trained):
+def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, trained, tmp_path):
     """Two processes, the parameters FSDP-sharded across them: both write their shards into one Orbax
     folder, process 0 renames it into place, and a one-process sampler restores an EMA with the hash
     the trainer recorded (it refuses any other)."""
-    ckpt = latents / "artifacts/checkpoints"
-    try:
-        run_two_hosts("train", latents, *TRAIN, "--set", "train.mesh={data: 1, fsdp: 2}")
-        m = json.loads((ckpt / "manifest.json").read_text())
-        assert m["processes"] == 2 and m["devices"] == 2 and m["mesh"] == {"data": 1, "fsdp": 2}
-        assert m["counts"] == {"steps": 6, "images_seen": 96}
-        steps = sorted(int(p.name) for p in (ckpt / "orbax").iterdir() if p.name.isdigit())
-        assert steps[-1] == 6 and 3 in steps
-        assert not list(ckpt.parent.glob(".checkpoints.*")), "a temp folder was left behind"
-        log = [json.loads(l) for l in (latents / "artifacts/logs/train.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in log] == [1, 2, 4, 6] and all(np.isfinite(r["loss"]) for r in log)
-        run_stage("sample", latents, *SAMPLE, env=ONE)
-        sm = json.loads((latents / "artifacts/samples/manifest.json").read_text())
-        assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 6
-    finally:  # leave the module's one-process checkpoint for the tests after this one
-        train(latents, ONE)
+    wd = tmp_path / "run"  # a copy, so the module's one-process checkpoint stays as it is
+    shutil.copytree(latents, wd, ignore=shutil.ignore_patterns("checkpoints", "samples", "logs"))
+    run_two_hosts("train", wd, *TRAIN, "--set", "train.mesh={data: 1, fsdp: 2}")
+    ckpt = wd / "artifacts/checkpoints"
+    m = json.loads((ckpt / "manifest.json").read_text())
+    assert m["processes"] == 2 and m["devices"] == 2 and m["mesh"] == {"data": 1, "fsdp": 2}
+    assert m["counts"] == {"steps": 6, "images_seen": 96}
+    steps = sorted(int(p.name) for p in (ckpt / "orbax").iterdir() if p.name.isdigit())
+    assert steps[-1] == 6 and 3 in steps
+    assert not list(ckpt.parent.glob(".checkpoints.*")), "a temp folder was left behind"
+    log = [json.loads(l) for l in (wd / "artifacts/logs/train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 4, 6] and all(np.isfinite(r["loss"]) for r in log)
+    run_stage("sample", wd, *SAMPLE, env=ONE)
+    sm = json.loads((wd / "artifacts/samples/manifest.json").read_text())
+    assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 6
