@@ -144,7 +144,7 @@ def test_samples_identical_across_two_hosts(latents, trained):
         np.testing.assert_array_equal(s["arr_0"], single)
 
 
-def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, trained, tmp_path):
+def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, tmp_path):
     """Two processes, the parameters FSDP-sharded across them: both write their shards into one Orbax
     folder, process 0 renames it into place, and a one-process sampler restores an EMA with the hash
     the trainer recorded (it refuses any other)."""
