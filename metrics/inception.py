@@ -57,7 +57,6 @@ def resize_bilinear_tf1(images: jax.Array, out_h: int = SIZE, out_w: int = SIZE)
     return t + (b - t) * ly[None, :, None, None]
 
 
-@jax.jit
 def _preprocess(images: jax.Array) -> jax.Array:
     """Images 0..255 (uint8 or float), any size -> the graph's 299x299 input in [-1, 1)."""
     x = resize_bilinear_tf1(images.astype(jnp.float32))
@@ -204,9 +203,16 @@ def cpu_compiler_options() -> dict:
 
 
 @functools.cache
-def _forward_for(platform: str):
+def _forward_for(platform: str, mesh: Mesh):
+    """(resize, network), each mapped over the mesh's devices with shard_map: every device runs the
+    single-device program on its own slice, so its compiled shapes are the per-device batch alone and a
+    device's features do not depend on how many devices there are."""
     options = cpu_compiler_options() if platform == "cpu" else {}
-    return jax.jit(forward, compiler_options=options or None)
+    rows = P("batch")
+    prep = jax.jit(jax.shard_map(_preprocess, mesh=mesh, in_specs=rows, out_specs=rows))
+    net = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), rows), out_specs=rows),
+                  compiler_options=options or None)
+    return prep, net
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -264,19 +270,25 @@ class InceptionV3:
         return f"inception-2015-12-05/sha256:{self.weights_sha256}"
 
     def features(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray | None]:
-        """pool_3 (N, 2048), spatial (N, 2023), logits (N, 1008) or None; float32 numpy."""
+        """pool_3 (N, 2048), spatial (N, 2023), logits (N, 1008) or None; float32 numpy.
+
+        `batch_size` is the batch of ONE device (the compiled shape); a call feeds batch_size x devices
+        images, device d taking the d-th block of batch_size consecutive ones, and the tail is padded
+        with zeros. Image i is thus always computed in the same block of the same shape, whatever the
+        device count: the features are the same bytes on 1 device or 8 (on one machine).
+        """
         images = check_images(images)
-        n_dev = self.mesh.devices.size
-        batch = -(-max(1, int(batch_size)) // n_dev) * n_dev  # a multiple of the device count
+        per_device = max(1, int(batch_size))
+        batch = per_device * self.mesh.devices.size
         sharding = NamedSharding(self.mesh, P("batch"))
-        run = _forward_for(self.mesh.devices.flat[0].platform)
+        prep, net = _forward_for(self.mesh.devices.flat[0].platform, self.mesh)
         outs, pending = [], None
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]
             n = len(chunk)
-            if n < batch:  # pad the last batch: one compiled shape, every device busy
+            if n < batch:  # pad the last batch: one compiled shape, every block full
                 chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
-            result = run(self.params, _preprocess(jax.device_put(chunk, sharding)))
+            result = net(self.params, prep(jax.device_put(chunk, sharding)))
             if pending is not None:  # fetch the previous batch while this one runs
                 outs.append(_fetch(*pending))
             pending = (result, n)

@@ -1,13 +1,18 @@
 """sample stage: class-conditional samples from the EMA weights with classifier-free guidance.
 
-Sample i has class i mod num_classes and its own key fold_in(seed, i): its initial noise and every step's
-noise come from that key alone, so a sample does not depend on the batch size or the number of devices.
-Batches are sharded over all devices (and hosts); the latents are decoded by the VAE and written in ADM's
-format (`samples.npz`: arr_0 uint8 NHWC, arr_1 labels) with a grid of one row per class.
+Sample i's label, initial noise and every step's noise derive from (seed, i) alone. Samples are made in
+chunks of `sample.batch_size` consecutive indices, one chunk per device per call, the call mapped over
+the devices with shard_map: each device runs the one-device program on a fixed shape, so a chunk is the
+same bytes whichever device, host or run computed it (on one machine type), and 1 device, 8 devices or
+2 hosts write the same samples.npz. Each host writes the chunks its devices computed into a work folder
+(`artifacts/.sample-work`), atomically and hashed; a rerun after a kill keeps the finished chunks. Process
+0 then streams them into ADM's `samples.npz` (arr_0 uint8 NHWC, arr_1 labels) in index order; nothing is
+gathered to every process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -15,10 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, init_distributed, load_params, main_guard,
+from stages.common import (ROOT, Manifest, atomic_dir, fail, init_distributed, load_params, main_guard,
                            read_manifest, sha256_file, tree_sha256)
+from stages.sample_chunks import ChunkStore, merge, num_chunks, plan
 
 CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/samples")
+WORK = Path("artifacts/.sample-work")
+LABELS = ("balanced", "uniform")
+# the code whose change changes a chunk's bytes: finished chunks made by other code are not reused
+RESULT_CODE = ("stages/sample.py", "dit/models.py", "dit/diffusion.py", "dit/vae.py")
 
 
 def to_uint8(x):
@@ -43,65 +53,79 @@ def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_clas
     return grid
 
 
-def main(argv: list[str]) -> None:
-    params = load_params("sample", argv, __doc__)
-    cfg = params["sample"]
+def check_params(cfg: dict, num_classes: int | None = None) -> None:
     for key in ("num_samples", "batch_size", "grid_per_class"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["cfg_scale"], (int, float)) or cfg["cfg_scale"] < 1.0:
         fail(f"sample.cfg_scale: expected a number >= 1, got {cfg['cfg_scale']!r}")
-    ckpt_manifest = read_manifest(CKPT)
-    read_manifest(VAE)
-    info = json.loads((CKPT / "model.json").read_text())
+    if cfg["labels"] not in LABELS:
+        fail(f"sample.labels: expected one of {', '.join(LABELS)}, got {cfg['labels']!r}")
+    classes = cfg["classes"]
+    if classes is not None:
+        if not isinstance(classes, list) or not classes or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in classes):
+            fail(f"sample.classes: expected null or a non-empty list of class ids, got {classes!r}")
+        if num_classes is not None and not all(0 <= c < num_classes for c in classes):
+            bad = [c for c in classes if not 0 <= c < num_classes]
+            fail(f"sample.classes: class ids {bad} are out of range 0..{num_classes - 1}")
 
+
+def sample_labels(cfg: dict, root, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labels of samples `indices`: i mod C (balanced) or uniform from the key fold_in(root, i) as DiT's
+    sample_ddp.py draws them; over `sample.classes` when given."""
+    import jax
+
+    classes = np.asarray(cfg["classes"] if cfg["classes"] is not None else range(num_classes), np.int32)
+    if cfg["labels"] == "balanced":
+        return classes[indices % len(classes)]
+    label_root = jax.random.fold_in(root, 0xFFFFFFFF)  # a stream apart from the noise keys
+    pick = _uniform(label_root, indices, len(classes))
+    return classes[pick]
+
+
+def _fold(root, indices: np.ndarray) -> np.ndarray:
     import jax
     import jax.numpy as jnp
-    from jax.experimental import multihost_utils
-    from PIL import Image
 
-    from dit import vae as vae_lib
-    from dit.diffusion import create_diffusion
-    from dit.models import DiT, DiTConfig
-    from dit.sharding import batch_sharding, make_mesh
-    from stages import checkpoint
+    return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(root, i))(
+        jnp.asarray(indices, jnp.uint32))))
 
-    init_distributed()
 
-    config = DiTConfig(**info["dit"])
-    guided = cfg["guided_channels"]
-    if guided is not None and not 1 <= guided <= config.in_channels:
-        fail(f"sample.guided_channels: expected 1..{config.in_channels} or null, got {guided!r}")
-    spacing = str(cfg["num_sampling_steps"])
-    try:
-        diffusion = create_diffusion(timestep_respacing=spacing, learn_sigma=config.learn_sigma)
-    except (ValueError, KeyError) as e:
-        fail(f"sample.num_sampling_steps: {e}")
+def _uniform(root, indices: np.ndarray, n: int) -> np.ndarray:
+    import jax
 
-    mgr = checkpoint.manager(CKPT)
-    step = mgr.latest_step()
-    if step is None:
-        fail(f"{CKPT}/orbax: no checkpoint; rerun the train stage")
-    mesh = make_mesh(-1, 1)
-    ema = checkpoint.restore_ema(mgr, step, config, mesh)
-    ema_hash = tree_sha256(ema)
-    if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
-        fail(f"{CKPT}: restored EMA weights hash {ema_hash[:12]} != manifest "
-             f"{ckpt_manifest['ema_sha256'][:12]}; the checkpoint was modified")
-    vae_config, vae_params = vae_lib.load(str(VAE))
-    vae = vae_lib.AutoencoderKL(vae_config)
+    keys = jax.random.wrap_key_data(_fold(root, indices))
+    return np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, n))(keys))
 
-    model = DiT(config)
-    n_dev = mesh.size
-    batch = math.ceil(cfg["batch_size"] / n_dev) * n_dev
-    shard = batch_sharding(mesh)
-    scale = float(info["scaling_factor"])
-    num_classes = config.num_classes
+
+def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform: str) -> dict:
+    """What a chunk's bytes depend on; num_samples and grid_per_class are not among them."""
+    import jax
+
+    code = hashlib.sha256()
+    for rel in RESULT_CODE:
+        code.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
+    keys = ("seed", "num_sampling_steps", "cfg_scale", "guided_channels", "batch_size", "labels", "classes")
+    return {"root_seed": seed, **{f"sample.{k}": cfg[k] for k in keys}, "ema_sha256": ema_sha256,
+            "vae_sha256": vae_sha256, "code_sha256": code.hexdigest(), "jax": jax.__version__,
+            "platform": platform}
+
+
+def build_sampler(model, ema, vae, vae_params, diffusion, spacing, cfg, scale, latent_shape, mesh):
+    """jit(shard_map(one device's chunk)): (raw keys (D*B, 2), labels (D*B,)) -> uint8 images."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from dit.models import DiT
+    from dit.sharding import BATCH_AXES
+
+    num_classes = model.config.num_classes
     use_cfg = cfg["cfg_scale"] > 1.0
-    h = config.input_size
-    latent_shape = (h, h, config.in_channels)
+    guided = cfg["guided_channels"]
 
-    def sample_batch(key_data, labels):
+    def chunk(ema, key_data, labels):
         keys = jax.random.wrap_key_data(key_data)
         if use_cfg:
             keys2 = jnp.concatenate([keys, keys])
@@ -122,58 +146,157 @@ def main(argv: list[str]) -> None:
         else:
             z = diffusion.p_sample_loop(model_fn, shape, keys2)
         z = z[:keys.shape[0]] / scale
-        x = vae.apply({"params": vae_params}, z, method=vae.decode)
-        return to_uint8(x)
+        return to_uint8(vae.apply({"params": vae_params}, z, method=vae.decode))
 
-    sample_batch = jax.jit(sample_batch, in_shardings=(shard, shard), out_shardings=shard)
+    rows = P(BATCH_AXES)
+    return jax.jit(jax.shard_map(chunk, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows))
 
+
+def main(argv: list[str]) -> None:
+    params = load_params("sample", argv, __doc__)
+    cfg = params["sample"]
+    check_params(cfg)
+    ckpt_manifest = read_manifest(CKPT)
+    read_manifest(VAE)
+    info = json.loads((CKPT / "model.json").read_text())
+
+    import jax
+    from jax.experimental import multihost_utils
+    from PIL import Image
+    from tqdm import tqdm
+
+    from dit import vae as vae_lib
+    from dit.diffusion import create_diffusion
+    from dit.models import DiT, DiTConfig
+    from dit.sharding import batch_sharding, make_mesh
+    from stages import checkpoint
+
+    init_distributed()
+    primary = jax.process_index() == 0
+
+    config = DiTConfig(**info["dit"])
+    check_params(cfg, config.num_classes)
+    guided = cfg["guided_channels"]
+    if guided is not None and not 1 <= guided <= config.in_channels:
+        fail(f"sample.guided_channels: expected 1..{config.in_channels} or null, got {guided!r}")
+    spacing = str(cfg["num_sampling_steps"])
+    try:
+        diffusion = create_diffusion(timestep_respacing=spacing, learn_sigma=config.learn_sigma)
+    except (ValueError, KeyError) as e:
+        fail(f"sample.num_sampling_steps: {e}")
+    try:
+        WORK.mkdir(parents=True, exist_ok=True)
+        probe = WORK / f".probe.tmp{jax.process_index()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"{WORK}: cannot write the sample work folder ({e.strerror})")
+
+    mgr = checkpoint.manager(CKPT)
+    step = mgr.latest_step()
+    if step is None:
+        fail(f"{CKPT}/orbax: no checkpoint; rerun the train stage")
+    mesh = make_mesh(-1, 1)
+    try:
+        ema = checkpoint.restore_ema(mgr, step, config, mesh)
+    except Exception as e:  # a checkpoint without the `ema` item, or of another model
+        fail(f"{CKPT}/orbax step {step}: cannot restore EMA weights ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    ema_hash = tree_sha256(ema)
+    if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
+        fail(f"{CKPT}: restored EMA weights hash {ema_hash[:12]} != manifest "
+             f"{ckpt_manifest['ema_sha256'][:12]}; the checkpoint was modified")
+    vae_config, vae_params = vae_lib.load(str(VAE))
+    vae = vae_lib.AutoencoderKL(vae_config)
+
+    model = DiT(config)
+    per_device, devices = cfg["batch_size"], mesh.size
     n = cfg["num_samples"]
+    total = num_chunks(n, per_device)
+    scale = float(info["scaling_factor"])
+    h = config.input_size
+    sampler = build_sampler(model, ema, vae, vae_params, diffusion, spacing, cfg, scale,
+                            (h, h, config.in_channels), mesh)
     root = jax.random.fold_in(jax.random.key(params["seed"]), cfg["seed"])
-    # raw key data on the host: every process builds the same global arrays and keeps its own rows
-    all_keys = np.asarray(jax.random.key_data(
-        jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n + batch))))
-    all_labels = np.arange(n + batch, dtype=np.int32) % num_classes
-
-    def put(host):
-        return jax.make_array_from_callback(host.shape, shard, lambda idx: host[idx])
-
 
     manifest = Manifest("sample", params)
     manifest.add_input("checkpoints", CKPT)
-    manifest.add_input("vae", VAE, exclude=("manifest.json",))
-    images = None
+    vae_hash = manifest.add_input("vae", VAE, exclude=("manifest.json",))
+    store = ChunkStore(WORK)
+    # Process 0 checks the work folder; every process then works from its answer.
+    done_mask, problems = np.zeros(total, bool), []
+    if primary:
+        note = store.open(fingerprint(cfg, params["seed"], ema_hash, vae_hash,
+                                      jax.devices()[0].platform))
+        if note:
+            print(note, flush=True)
+        done, problems = store.scan(total)
+        done_mask[done] = True
+    if jax.process_count() > 1:
+        done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
+    pending = [k for k in range(total) if not done_mask[k]]
+    steps = plan(pending, devices)
+
+    shard = batch_sharding(mesh)
     t0 = time.time()
-    compile_s = None
-    for start in range(0, n, batch):
-        keys, labels = put(all_keys[start:start + batch]), put(all_labels[start:start + batch])
-        out = multihost_utils.process_allgather(sample_batch(keys, labels), tiled=True)
+    compile_s, steady_t0 = None, None
+    bar = tqdm(total=len(pending) * per_device, unit="img", desc="sample", disable=not primary,
+               mininterval=2.0)
+    for chunk_ids in steps:
+        # dummy chunks pad the last step; their indices lie past every real chunk and are thrown away
+        ids = [k if k is not None else total + j for j, k in enumerate(chunk_ids)]
+        idx = np.concatenate([np.arange(k * per_device, (k + 1) * per_device) for k in ids])
+        key_data = _fold(root, idx)
+        labels = sample_labels(cfg, root, idx, config.num_classes)
+        put = lambda host: jax.make_array_from_callback(host.shape, shard, lambda i: host[i])
+        out = sampler(ema, put(key_data), put(labels))
+        for s in out.addressable_shards:  # this host's devices' chunks only
+            pos = (s.index[0].start or 0) // per_device
+            if chunk_ids[pos] is not None:
+                lo = pos * per_device
+                store.write(chunk_ids[pos], np.asarray(s.data), labels[lo:lo + per_device])
         if compile_s is None:
             compile_s = time.time() - t0
-        if images is None:
-            images = np.zeros((n, *out.shape[1:]), np.uint8)
-        stop = min(n, start + batch)
-        images[start:stop] = out[:stop - start]
-        print(f"sample: {stop}/{n}", flush=True)
-    labels = all_labels[:n]
-    wall = time.time() - t0
+            steady_t0 = time.time()
+        bar.update(sum(k is not None for k in chunk_ids) * per_device)
+    bar.close()
+    computed_s = time.time() - (steady_t0 or t0)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sample chunks written")
 
-    if jax.process_index() == 0:
+    if primary:
+        grid_images, grid_labels, shown = [], [], np.zeros(config.num_classes, int)
+
+        def keep_for_grid(start, images, labels):  # the first grid_per_class samples of each class
+            for img, y in zip(images, labels):
+                if shown[y] < cfg["grid_per_class"]:
+                    shown[y] += 1
+                    grid_images.append(img)
+                    grid_labels.append(y)
+
         with atomic_dir(OUT) as tmp:
-            np.savez(tmp / "samples.npz", arr_0=images, arr_1=labels)
-            grid = make_grid(images, labels, num_classes, cfg["grid_per_class"])
-            Image.fromarray(grid).save(tmp / "grid.png")
-            manifest.counts = {"samples": n}
+            merge(store, n, per_device, tmp / "samples.npz", on_chunk=keep_for_grid)
+            gi, gl = np.stack(grid_images), np.asarray(grid_labels)
+            Image.fromarray(make_grid(gi, gl, config.num_classes, cfg["grid_per_class"])).save(
+                tmp / "grid.png")
+            manifest.counts = {"samples": n, "chunks": total, "chunks_reused": total - len(pending),
+                               "chunks_computed": len(pending)}
+            steady = (len(steps) - 1) * devices * per_device
             manifest.extra.update({
                 "checkpoint_step": int(step), "ema_sha256": ema_hash,
                 "sampler": {"respacing": spacing, "kind": "ddim" if spacing.startswith("ddim") else "ddpm",
-                            "cfg_scale": cfg["cfg_scale"], "guided_channels": guided},
+                            "cfg_scale": cfg["cfg_scale"], "guided_channels": guided,
+                            "labels": cfg["labels"], "per_device_batch": per_device},
+                "chunks_recomputed": problems,
                 "classes": info["classes"], "devices": jax.device_count(),
-                "compile_plus_first_batch_s": round(compile_s, 3),
-                "img_per_s": round(n / wall, 2),
+                "processes": jax.process_count(),
+                "compile_plus_first_batch_s": round(compile_s, 3) if compile_s is not None else None,
+                "img_per_s": round(steady / computed_s, 2) if steady > 0 and computed_s > 0 else None,
                 "samples_sha256": sha256_file(tmp / "samples.npz"),
             })
             manifest.write(tmp)
-    print(f"sample: {n} samples in {wall:.1f}s -> {OUT}")
+    print(f"sample: {n} samples ({total - len(pending)} of {total} chunks reused) in "
+          f"{time.time() - t0:.1f}s -> {OUT}")
 
 
 if __name__ == "__main__":

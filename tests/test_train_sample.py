@@ -56,35 +56,6 @@ def test_train_writes_orbax_checkpoints_and_log(latents, trained):
     assert model["dit"]["input_size"] == 8 and model["dit"]["num_classes"] == 10
 
 
-def test_samples_identical_on_one_and_eight_devices(latents, trained):
-    run_stage("sample", latents, *SAMPLE, env=ONE)
-    out = latents / "artifacts/samples"
-    with np.load(out / "samples.npz", allow_pickle=False) as s:
-        one, labels = s["arr_0"], s["arr_1"]
-    assert one.shape == (12, 16, 16, 3) and one.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.arange(12) % 10)
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["checkpoint_step"] == 6 and m["sampler"]["cfg_scale"] == 4.0
-    assert m["ema_sha256"] == trained[0]["ema_sha256"]
-    # another batch size on 8 devices: every sample's noise comes from its own key
-    run_stage("sample", latents, *SAMPLE, "--set", "sample.batch_size=5", env=EIGHT)
-    with np.load(out / "samples.npz", allow_pickle=False) as s:
-        np.testing.assert_array_equal(s["arr_0"], one)
-
-
-def test_sample_refuses_an_edited_checkpoint(latents, trained):
-    path = latents / "artifacts/checkpoints/manifest.json"
-    original = path.read_text()
-    m = json.loads(original)
-    m["ema_sha256"] = "0" * 64
-    path.write_text(json.dumps(m))
-    try:
-        proc = run_stage("sample", latents, *SAMPLE, env=ONE, check=False)
-    finally:
-        path.write_text(original)
-    assert proc.returncode == 2 and "modified" in proc.stderr
-
-
 def test_bad_mesh_is_one_line(latents):
     proc = run_stage("train", latents, *TRAIN, "--set", "train.mesh={data: 3, fsdp: 1}", env=ONE,
                      check=False)
@@ -129,19 +100,6 @@ def run_two_hosts(stage, wd, *args):
         raise AssertionError(f"stages.{stage} on two hosts did not finish in 300 s:\n"
                              + "\n".join(p.communicate()[0] for p in procs)[-4000:]) from None
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-
-
-def test_samples_identical_across_two_hosts(latents, trained):
-    """Two JAX processes on loopback (gloo) form one 2-device mesh; process 0 writes the same bytes."""
-    run_stage("sample", latents, *SAMPLE, env=ONE)
-    out = latents / "artifacts/samples/samples.npz"
-    with np.load(out, allow_pickle=False) as s:
-        single = s["arr_0"]
-    run_two_hosts("sample", latents, *SAMPLE)
-    m = json.loads((latents / "artifacts/samples/manifest.json").read_text())
-    assert m["devices"] == 2
-    with np.load(out, allow_pickle=False) as s:
-        np.testing.assert_array_equal(s["arr_0"], single)
 
 
 def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, tmp_path):

@@ -1,0 +1,223 @@
+"""The sample stage on a tiny trained model: the same bytes on any device or host count (by construction:
+a chunk is one device's call of a fixed shape), resume after SIGKILL, memory that does not grow with
+num_samples, labels, and bad input."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_stage
+from test_encode import tiny_vae
+
+ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+SAMPLE = ["--set", "sample.num_samples=12", "--set", "sample.num_sampling_steps=4",
+          "--set", "sample.batch_size=4", "--set", "sample.grid_per_class=2"]
+TINY = ["--set", "train.steps=4", "--set", "train.global_batch_size=8", "--set", "train.log_every=2",
+        "--set", "train.ckpt_every=4", "--set", "train.depth=2", "--set", "train.hidden_size=32",
+        "--set", "train.num_heads=2"]
+
+
+def devices(n):
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sample")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, wd / name)
+    run_stage("data", wd, "--set", "data.limit=24", "--set", "data.image_size=16")
+    tiny_vae(wd / "artifacts/vae")
+    run_stage("encode", wd, "--set", "data.image_size=16", "--set", "encode.num_workers=1",
+              "--set", "encode.batch_size=8", "--set", "encode.shards=1")
+    run_stage("train", wd, *TINY, env=ONE)
+    return wd
+
+
+def sample(wd, *extra, env=ONE, check=True):
+    return run_stage("sample", wd, *SAMPLE, *extra, env=env, check=check)
+
+
+def outputs(wd):
+    out = wd / "artifacts/samples"
+    data = (out / "samples.npz").read_bytes()
+    return hashlib.sha256(data).hexdigest(), json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(trained):
+    sample(trained)
+    return outputs(trained)
+
+
+def test_samples_npz_is_adm_format_with_a_manifest(trained, baseline):
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        images, labels = s["arr_0"], s["arr_1"]
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.arange(12) % 10)
+    m = baseline[1]
+    assert m["counts"] == {"samples": 12, "chunks": 3, "chunks_reused": 0, "chunks_computed": 3}
+    assert m["samples_sha256"] == baseline[0] and m["sampler"]["per_device_batch"] == 4
+    assert (trained / "artifacts/samples/grid.png").is_file()
+
+
+@pytest.mark.parametrize("n_dev", [2, 3, 8])
+def test_same_bytes_on_any_device_count(trained, baseline, n_dev):
+    """Fresh work folder each time: every chunk is recomputed on n_dev devices (3: a step of 3 chunks
+    and none left over; 8: five padding chunks thrown away; 2: a padded last step)."""
+    shutil.rmtree(trained / "artifacts/.sample-work")
+    sample(trained, env=devices(n_dev))
+    digest, m = outputs(trained)
+    assert m["devices"] == n_dev and m["counts"]["chunks_computed"] == 3
+    assert digest == baseline[0]
+
+
+def test_rerun_reuses_every_chunk_and_more_samples_extend_them(trained, baseline):
+    sample(trained)
+    digest, m = outputs(trained)
+    assert digest == baseline[0] and m["counts"]["chunks_reused"] == 3
+    sample(trained, "--set", "sample.num_samples=14")
+    _, m = outputs(trained)
+    assert m["counts"] == {"samples": 14, "chunks": 4, "chunks_reused": 3, "chunks_computed": 1}
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        assert s["arr_0"].shape[0] == 14
+
+
+def test_another_per_device_batch_is_close(trained, baseline):
+    """The per-device batch is the compiled shape, so it is part of the result: another batch size
+    moves the old chunks aside (one line) and agrees to uint8 rounding, not bit for bit (other kernels)."""
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        ref = s["arr_0"][:12].astype(int)
+    proc = sample(trained, "--set", "sample.batch_size=5")
+    assert "moved aside" in proc.stdout and "sample.batch_size" in proc.stdout
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        other = s["arr_0"].astype(int)
+    diff = np.abs(other - ref)
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01
+
+
+def test_a_corrupt_chunk_is_recomputed_and_listed(trained, baseline):
+    sample(trained)  # the module's chunks again (batch_size 4)
+    chunk = trained / "artifacts/.sample-work/chunk-000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:-7] + b"garbage")
+    sample(trained)
+    digest, m = outputs(trained)
+    assert digest == baseline[0]
+    assert m["counts"]["chunks_computed"] == 1
+    assert m["chunks_recomputed"][0]["item"] == "chunk-000001.npz"
+
+
+def test_sigkill_then_rerun_gives_the_same_bytes(trained, baseline):
+    """Killed as soon as its first chunk is on disk, the rerun keeps the finished chunks."""
+    shutil.rmtree(trained / "artifacts/.sample-work")
+    shutil.rmtree(trained / "artifacts/samples")
+    # 120 chunks of 50 steps: time to kill it midway
+    many = ["--set", "sample.batch_size=1", "--set", "sample.num_samples=120",
+            "--set", "sample.num_sampling_steps=50"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sample", *SAMPLE, *many], cwd=trained, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = trained / "artifacts/.sample-work"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(work.glob("*.sha256"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(work.glob("*.sha256")))
+    assert 0 < finished < 120, f"killed with {finished} of 120 chunks done"
+    assert not (trained / "artifacts/samples/samples.npz").exists()
+    sample(trained, *many)
+    digest, m = outputs(trained)
+    assert m["counts"]["chunks_reused"] >= finished - 1 and m["counts"]["chunks_computed"] >= 1
+    # the uninterrupted run with the same per-device batch
+    shutil.rmtree(work)
+    sample(trained, *many)
+    assert outputs(trained)[0] == digest
+
+
+def test_peak_memory_does_not_grow_with_num_samples(trained):
+    """No array of all samples anywhere: peak RSS for 2,000 and 8,000 samples differs by less than one
+    chunk (and far less than the 6,000 extra samples' 4.6 MB)."""
+    code = ("import resource, runpy, sys; sys.argv = ['stages.sample'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('stages.sample', run_name='__main__')\n"
+            "finally:\n    print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE}
+    rss = {}
+    chunk = 500
+    for n in (2000, 8000):
+        proc = subprocess.run([sys.executable, "-c", code, "--set", f"sample.num_samples={n}",
+                               "--set", "sample.num_sampling_steps=2", "--set", f"sample.batch_size={chunk}",
+                               "--set", "sample.cfg_scale=1.0"],
+                              cwd=trained, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rss[n] = int(proc.stdout.split("MAXRSS")[-1].split()[0]) * 1024
+    one_chunk = chunk * 16 * 16 * 3
+    assert abs(rss[8000] - rss[2000]) < one_chunk, rss
+
+
+def test_uniform_labels_come_from_the_seed(trained):
+    sample(trained, "--set", "sample.labels=uniform", "--set", "sample.classes=[3, 7]")
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        labels = s["arr_1"]
+    assert set(labels.tolist()) <= {3, 7} and len(set(labels.tolist())) == 2
+    shutil.rmtree(trained / "artifacts/.sample-work")
+    sample(trained, "--set", "sample.labels=uniform", "--set", "sample.classes=[3, 7]", env=devices(2))
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        np.testing.assert_array_equal(s["arr_1"], labels)
+
+
+def test_sample_refuses_an_edited_checkpoint(trained):
+    path = trained / "artifacts/checkpoints/manifest.json"
+    original = path.read_text()
+    m = json.loads(original)
+    m["ema_sha256"] = "0" * 64
+    path.write_text(json.dumps(m))
+    try:
+        proc = sample(trained, check=False)
+    finally:
+        path.write_text(original)
+    assert proc.returncode == 2 and "modified" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "sample.num_samples=0"], "sample.num_samples"),
+    (["--set", "sample.labels=zipf"], "sample.labels"),
+    (["--set", "sample.classes=[3, 10]"], "out of range"),
+    (["--set", "sample.num_sampling_steps=ddim7x"], "sample.num_sampling_steps"),
+])
+def test_bad_params_are_one_line(trained, args, message):
+    proc = sample(trained, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_work_folder_is_one_line(trained):
+    work = trained / "artifacts/.sample-work"
+    moved = work.with_name("moved-work")
+    work.rename(moved)
+    work.write_text("a file where the work folder should be")
+    try:
+        proc = sample(trained, check=False)
+    finally:
+        work.unlink()
+        moved.rename(work)
+    assert proc.returncode == 2 and ".sample-work" in proc.stderr
+
+
+def test_two_hosts_write_their_own_chunks_and_the_same_bytes(trained, baseline):
+    """Two JAX processes on loopback (gloo), one device each: each writes the chunks its device made;
+    process 0 merges them into the same samples.npz as one process."""
+    from test_train_sample import run_two_hosts
+
+    shutil.rmtree(trained / "artifacts/.sample-work")
+    run_two_hosts("sample", trained, *SAMPLE)
+    digest, m = outputs(trained)
+    assert m["devices"] == 2 and m["processes"] == 2 and m["counts"]["chunks_computed"] == 3
+    assert digest == baseline[0]
