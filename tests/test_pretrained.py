@@ -54,7 +54,9 @@ def test_route_restores_the_same_weights(tmp_path):
     doc = pretrained.export(src, out, None, 64, 10, **TINY)
 
     want = tree_sha256(convert.official_to_params(sd, cfg))
-    ema = checkpoint.restore_ema(checkpoint.manager(out), 0, cfg, make_mesh(-1, 1))
+    mgr = checkpoint.manager(out)
+    assert mgr.latest_step() == 0  # what the sample stage restores
+    ema = checkpoint.restore_ema(mgr, 0, cfg, make_mesh(-1, 1))
     assert tree_sha256(ema) == want == doc["ema_sha256"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ema_sha256"] == want and manifest["final_step"] == 0 and manifest["taken"] == "ema"
