@@ -73,18 +73,22 @@ def _expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_official_state_dict(sd: Mapping[str, np.ndarray], config: DiTConfig) -> None:
-    """ValueError naming the first missing, unexpected, misshapen or non-finite entry."""
+    """ValueError naming the first misshapen, missing, unexpected or non-finite entry.
+
+    Shapes are checked first: a checkpoint for another model or resolution then names its first
+    differing tensor and both shapes, which says more than the first key one model lacks."""
     want = _expected_shapes(config)
+    for k, shape in want.items():
+        if k in sd and tuple(sd[k].shape) != shape:
+            raise ValueError(f"checkpoint key {k!r} has shape {tuple(sd[k].shape)}, expected {shape} "
+                             f"(check --model / --image-size / --num-classes)")
     missing = [k for k in want if k not in sd]
     if missing:
         raise ValueError(f"checkpoint is missing key {missing[0]!r} ({len(missing)} missing) for {config}")
     extra = [k for k in sd if k not in want]
     if extra:
         raise ValueError(f"checkpoint has unexpected key {extra[0]!r} ({len(extra)} unexpected)")
-    for k, shape in want.items():
-        if tuple(sd[k].shape) != shape:
-            raise ValueError(f"checkpoint key {k!r} has shape {tuple(sd[k].shape)}, expected {shape} "
-                             f"(check --model / --image-size / --num-classes)")
+    for k in want:
         if not np.isfinite(sd[k]).all():
             raise ValueError(f"checkpoint key {k!r} holds NaN or inf values")
 
@@ -144,23 +148,40 @@ def official_to_diffusers(sd: Mapping[str, np.ndarray], config: DiTConfig) -> di
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def load_official_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """torch.load(weights_only=True) an official checkpoint: a bare state dict (the released
-    DiT-XL-2-*.pt files) or a train.py checkpoint, from which the EMA weights are taken."""
+def read_official_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str]:
+    """torch.load(weights_only=True) an official checkpoint; returns (state dict, where it was found).
+
+    Accepts a bare state dict (the released DiT-XL-2-*.pt files: "state_dict") or a dict holding one
+    under "ema" (preferred: the weights the paper samples from) or "model", as train.py saves them.
+    Any other layout, or a file that needs pickle to load, is a ValueError of one line."""
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # e.g. a train.py checkpoint whose argparse "args" cannot load without pickle
-        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True): {e}. "
-                         "Save the state dict alone (e.g. torch.save(ckpt['ema'], ...)) and retry") from e
-    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
-        obj = obj["ema"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return {k: v.detach().float().numpy() for k, v in obj.items()}
+    except Exception as e:  # needs pickle (a custom class, train.py's argparse "args"), or not a torch file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: cannot be read with torch.load(weights_only=True) (no pickle code runs): "
+                         f"{first}. Save the state dict alone, e.g. torch.save(ckpt['ema'], ...), and retry") from e
+    taken = "state_dict"
+    if isinstance(obj, dict):
+        for key in ("ema", "model"):
+            if isinstance(obj.get(key), dict):
+                obj, taken = obj[key], key
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path}: expected a state dict (name -> tensor) or a dict holding one under "
+                         f"'ema' or 'model', got {type(obj).__name__}")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: not a state dict: entry {bad!r} is {type(obj[bad]).__name__}, not a tensor")
+    return {k: v.detach().float().numpy() for k, v in obj.items()}, taken
+
+
+def load_official_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """The state dict of an official checkpoint (see read_official_checkpoint)."""
+    return read_official_checkpoint(path)[0]
 
 
 def save_params(params, path: str) -> None:

@@ -238,9 +238,22 @@ class GaussianDiffusion:
             return step(x, jnp.full((x.shape[0],), t, jnp.int32), t)
         return jax.lax.fori_loop(0, self.num_timesteps, body, x)
 
-    def p_sample_loop(self, model_fn, shape, keys, clip_denoised: bool = False):
-        """Ancestral (DDPM) sampling over all steps of this process; returns x_0."""
+    @staticmethod
+    def _initial(x_T, noise):
+        """The keys' initial noise, or `noise` when given (to run the same start as a peer sampler)."""
+        if noise is None:
+            return x_T
+        if tuple(noise.shape) != tuple(x_T.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x_T.shape)}")
+        return jnp.asarray(noise, x_T.dtype)
+
+    def p_sample_loop(self, model_fn, shape, keys, clip_denoised: bool = False, noise=None):
+        """Ancestral (DDPM) sampling over all steps of this process; returns x_0.
+
+        noise: optional initial x_T of `shape` replacing the keys' draw (the step noise still comes
+        from the keys)."""
         x_T, step_noise = self._noise_fns(keys, shape)
+        x_T = self._initial(x_T, noise)
 
         def step(x, t_vec, t):
             out = self.p_mean_variance(self._model(model_fn, x, t_vec), x, t_vec, clip_denoised)
@@ -249,12 +262,15 @@ class GaussianDiffusion:
 
         return self._loop(step, x_T)
 
-    def ddim_sample_loop(self, model_fn, shape, keys, eta: float = 0.0, clip_denoised: bool = False):
+    def ddim_sample_loop(self, model_fn, shape, keys, eta: float = 0.0, clip_denoised: bool = False,
+                         noise=None):
         """DDIM sampling (eta=0: deterministic given the initial noise); returns x_0.
 
         clip_denoised defaults to False here (ADM's default is True) since DiT works in latent space.
+        noise: optional initial x_T, as in p_sample_loop.
         """
         x_T, step_noise = self._noise_fns(keys, shape)
+        x_T = self._initial(x_T, noise)
 
         def step(x, t_vec, t):
             out = self.p_mean_variance(self._model(model_fn, x, t_vec), x, t_vec, clip_denoised)
