@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 
 def random_images(rng, n: int, size: int, chunk: int = 1000) -> np.ndarray:
@@ -50,6 +52,7 @@ def write_batches(workdir: Path, samples: int, reference: int, size: int) -> tup
 
 
 def main(argv=None) -> int:
+    print(describe(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--reference", type=int, default=100)

@@ -28,6 +28,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import describe  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -169,6 +171,7 @@ def gemm_floor(model_name, batch, repeats=5):
 
 
 def main(argv=None):
+    print(describe(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="DiT-S/2")
     ap.add_argument("--batch", type=int, default=8)
