@@ -12,7 +12,7 @@ from stages.common import (Manifest, code_version, fail, load_params, main_guard
                            sha256_file, write_json)
 
 SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")
-UPSTREAM = ("data", "vae", "encode", "train", "sample", "reference")
+UPSTREAM = ("data", "vae", "encode", "train", "pretrained", "sample", "reference")
 
 
 def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict:

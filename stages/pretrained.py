@@ -1,6 +1,10 @@
 """pretrained: a released facebookresearch/DiT checkpoint as the checkpoint layout sample and audit read.
 
     python -m stages.pretrained PT OUT_DIR [--model DiT-XL/2] [--image-size 256] [--num-classes 1000]
+    python -m stages.pretrained [--params PATH] [--set pretrained.KEY=VALUE]   # the DVC stage
+
+As a DVC stage (released/dvc.yaml) it reads `pretrained.{path, model, image_size, num_classes}` and writes
+artifacts/checkpoints, the folder the sample stage and the audit read.
 
 PT is an official `.pt` (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, or a train.py checkpoint saved
 without its argparse args) read with torch.load(weights_only=True): no pickle code runs. Every key and
@@ -102,7 +106,38 @@ def export(pt_path, out_dir, model_name: str | None, image_size: int, num_classe
     return doc
 
 
+def stage_main(argv: list[str]) -> None:
+    """The DVC stage: params instead of arguments, artifacts/checkpoints as the output."""
+    from stages.common import load_params
+
+    params = load_params("pretrained", argv, __doc__)
+    cfg = params["pretrained"]
+    if not isinstance(cfg["path"], str) or not cfg["path"]:
+        fail(f"pretrained.path: expected the .pt file's path, got {cfg['path']!r}")
+    # a paper name ("DiT-XL/2"), or {depth, hidden_size, num_heads, patch_size} for a custom size
+    model, custom = (cfg["model"], {}) if isinstance(cfg["model"], str) else (None, cfg["model"])
+    if not isinstance(custom, dict) or (model is None and not custom):
+        fail(f"pretrained.model: expected a name like DiT-XL/2 or a mapping of depth, hidden_size, "
+             f"num_heads, patch_size; got {cfg['model']!r}")
+    for key in ("image_size", "num_classes"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+            fail(f"pretrained.{key}: expected a positive integer, got {cfg[key]!r}")
+    try:
+        from dit.models import dit_config
+
+        dit_config(model, **custom)
+    except (ValueError, TypeError) as e:
+        fail(f"pretrained.model: {e}")
+    if not Path(cfg["path"]).expanduser().is_file():
+        fail(f"pretrained.path: '{cfg['path']}' does not exist")
+    out = Path("artifacts/checkpoints")
+    doc = export(Path(cfg["path"]).expanduser(), out, model, cfg["image_size"], cfg["num_classes"], **custom)
+    print(f"pretrained: {cfg['path']} ({doc['taken']}, sha256 {doc['source_sha256'][:12]}) -> {out}")
+
+
 def main(argv: list[str]) -> None:
+    if not argv or argv[0].startswith("--params") or argv[0].startswith("--set"):
+        return stage_main(argv)
     ap = argparse.ArgumentParser(prog="python -m stages.pretrained", description=__doc__.split("\n")[0])
     ap.add_argument("pt", help="official .pt checkpoint (e.g. DiT-XL-2-256x256.pt)")
     ap.add_argument("out_dir", help="output folder (e.g. artifacts/checkpoints)")
