@@ -59,7 +59,8 @@ def main(argv: list[str]) -> None:
         "code": code_version(),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "metrics.json", {"metrics": metrics, "provenance": provenance})
+    write_json(OUT / "metrics.json", {"metrics": metrics, "cost": sample_manifest.get("cost"),
+                                      "provenance": provenance})
     manifest.counts = {"samples": provenance["num_samples"]}
     manifest.extra["eval_s"] = round(time.time() - t0, 3)
     manifest.write(OUT)

@@ -152,6 +152,20 @@ def build_sampler(model, ema, vae, vae_params, diffusion, spacing, cfg, scale, l
     return jax.jit(jax.shard_map(chunk, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows))
 
 
+def cost(config, ckpt_manifest: dict, sampling_steps: int, guided: bool) -> dict:
+    """The paper's compute columns: model Gflops (multiply-add = 1) at the latent size trained, training
+    compute = Gflops x 3 (forward + backward) x batch x steps, sampling Gflops per image = Gflops x
+    steps x 2 with guidance (a conditional and an unconditional pass)."""
+    from dit.flops import count_flops, count_params
+
+    gflops = count_flops(config) / 1e9
+    train = ckpt_manifest.get("params", {}).get("train", {})
+    batch, steps = train.get("global_batch_size"), ckpt_manifest.get("final_step")
+    return {"params": count_params(config), "gflops": gflops,
+            "train_gflops": gflops * 3 * batch * steps if batch and steps else None,
+            "sample_gflops_per_image": gflops * sampling_steps * (2 if guided else 1)}
+
+
 def main(argv: list[str]) -> None:
     params = load_params("sample", argv, __doc__)
     cfg = params["sample"]
@@ -288,6 +302,7 @@ def main(argv: list[str]) -> None:
                             "cfg_scale": cfg["cfg_scale"], "guided_channels": guided,
                             "labels": cfg["labels"], "per_device_batch": per_device},
                 "chunks_recomputed": problems,
+                "cost": cost(config, ckpt_manifest, diffusion.num_timesteps, cfg["cfg_scale"] > 1.0),
                 "classes": info["classes"], "devices": jax.device_count(),
                 "processes": jax.process_count(),
                 "compile_plus_first_batch_s": round(compile_s, 3) if compile_s is not None else None,

@@ -67,6 +67,15 @@ def test_samples_npz_is_adm_format_with_a_manifest(trained, baseline):
     assert m["counts"] == {"samples": 12, "chunks": 3, "chunks_reused": 0, "chunks_computed": 3}
     assert m["samples_sha256"] == baseline[0] and m["sampler"]["per_device_batch"] == 4
     assert (trained / "artifacts/samples/grid.png").is_file()
+    # the paper's compute columns, from dit.flops at the latent size trained
+    from dit.flops import count_flops
+    from dit.models import DiTConfig
+
+    config = DiTConfig(**json.loads((trained / "artifacts/checkpoints/model.json").read_text())["dit"])
+    g = count_flops(config) / 1e9
+    assert m["cost"]["gflops"] == pytest.approx(g, rel=1e-5)
+    assert m["cost"]["train_gflops"] == pytest.approx(g * 3 * 8 * 4, rel=1e-5)  # batch 8, 4 steps
+    assert m["cost"]["sample_gflops_per_image"] == pytest.approx(g * 4 * 2, rel=1e-5)  # 4 steps, CFG
 
 
 @pytest.mark.parametrize("n_dev", [2, 3, 8])
