@@ -24,8 +24,8 @@ def file_units(items: list[tuple[int, str, int, str]], batch_size: int) -> list[
     return [("files", batches[b]) for b in sorted(batches)]
 
 
-def tfds_units(spec: dict, batch_size: int, chunk_batches: int = TFDS_CHUNK_BATCHES) -> list[tuple]:
-    step = batch_size * chunk_batches
+def tfds_units(spec: dict, batch_size: int, chunk_batches: int | None = None) -> list[tuple]:
+    step = batch_size * (chunk_batches or TFDS_CHUNK_BATCHES)
     n = spec["num_examples"]
     return [("tfds", dict(spec), a, min(a + step, n)) for a in range(0, n, step)]
 
