@@ -100,10 +100,11 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
     ([], "data.data_dir"),                                                # nothing prepared, no tars
     (["--set", "data.manual_dir=/no/such/tars"], "data.manual_dir"),
     (["--set", "data.tfds_name=no_such_dataset_xyz"], "data.tfds_name"),
+    (["--set", "data.data_dir=gs://no-bucket/tfds"], "gs://no-bucket"),   # no GCS filesystem/credentials
 ])
 def test_missing_tfds_dataset_is_one_line_exit_2(workdir, tmp_path, extra, needle):
     proc = run_stage("data", workdir, "--set", "data.source=tfds", "--set", f"data.data_dir={tmp_path}",
-                     *extra, check=False)
+                     *extra, check=False, timeout=120)  # fails fast, never waits on the network
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert not (workdir / "artifacts/data").exists()
