@@ -128,6 +128,8 @@ def pipeline_options(runner: str, num_workers: int, extra_options: list[str] | N
     argv = [f"--runner={runner}", *(extra_options or [])]
     if runner == "DirectRunner":
         mode = "multi_processing" if num_workers > 1 else "in_memory"
+        if any(a.startswith("--direct_running_mode") for a in argv):
+            mode = next(a for a in argv if a.startswith("--direct_running_mode")).split("=", 1)[1]
         argv += [f"--direct_running_mode={mode}", f"--direct_num_workers={max(1, num_workers)}",
                  "--default_sdk_harness_log_level=ERROR"]
     return PipelineOptions(argv)
