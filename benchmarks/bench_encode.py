@@ -131,16 +131,17 @@ def main() -> None:
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
         b, s = args.batch, args.size
+        print(f"encode {args.images} images at {s} px, batch {b} (+ flips), SD VAE config:", flush=True)
         torch_ips = torch_loop(work, items, b, s)
+        print(f"  torch loop (diffusers)       {torch_ips:7.2f} img/s", flush=True)
         cold = in_child(work, b, s, 1, "cold", cache)
+        print(f"  Beam DirectRunner, cold      {cold:7.2f} img/s   ratio {cold / torch_ips:.2f}", flush=True)
         warm = in_child(work, b, s, 1, "warm", cache)
-        print(f"encode {args.images} images at {s} px, batch {b} (+ flips), SD VAE config:")
-        print(f"  torch loop (diffusers)       {torch_ips:7.2f} img/s")
-        print(f"  Beam DirectRunner, cold      {cold:7.2f} img/s   ratio {cold / torch_ips:.2f}")
-        print(f"  Beam DirectRunner, warm      {warm:7.2f} img/s   ratio {warm / torch_ips:.2f}")
+        print(f"  Beam DirectRunner, warm      {warm:7.2f} img/s   ratio {warm / torch_ips:.2f}", flush=True)
         single = {**cache, **ONE_THREAD}
         in_child(work, b, s, 1, "warmup-1t", single)  # fill the cache for the single-thread flags
         one = in_child(work, b, s, 1, "w1", single)
+        print(f"scaling, one thread per worker: 1 worker {one:.2f} img/s", flush=True)
         two = in_child(work, b, s, 2, "w2", single)
         print(f"scaling, one thread per worker: 1 worker {one:.2f} img/s, 2 workers {two:.2f} img/s, "
               f"ratio {two / one:.2f}")
