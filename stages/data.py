@@ -5,12 +5,20 @@ Sources:
   white, upscaled to `data.image_size` and written as an ImageFolder under artifacts/data/images.
 - `imagefolder`: an external tree `<data.path>/<class>/<image>` (ImageNet train as synset folders); the
   label is the sorted class-folder index. Images are not copied: the index records each file's sha256.
+  An empty class folder keeps its label index (ImageNet's 1000 labels stay aligned) and is named in the
+  manifest; a file that is not an image, or not in a class folder, is listed as skipped.
+- `tfds`: a tensorflow-datasets image classification dataset (`imagenet2012` by default) from a prepared
+  `data.data_dir` (local or gs://), or prepared first from the official tars in `data.manual_dir`. Class
+  names come from the dataset's label feature; each example's key is its tfds id; `data.limit` keeps the
+  first N examples of the split (tfds shuffles examples when it prepares a dataset).
 
-Every file is decoded once here; undecodable or too-small files are skipped and listed in the manifest.
+Every image is decoded once here; undecodable or too-small ones are skipped and listed in the manifest, and
+processed + skipped = total for every source.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,8 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.images import IMAGE_EXTENSIONS, BadImage, decode_rgb
 from stages.common import Manifest, atomic_dir, fail, load_params, main_guard, sha256_file, write_json
-from stages.images import IMAGE_EXTENSIONS, BadImage, open_rgb
+from stages.images import open_rgb
+from stages.tfds_source import index_tfds
 
 OUT = Path("artifacts/data")
 
@@ -58,6 +68,9 @@ def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]], list
     if not classes:
         fail(f"data.path: '{root}' has no class folders (expected <root>/<class>/<image>)")
     items, others = [], []
+    for p in sorted(root.iterdir()):
+        if p.is_file():
+            others.append((p.name, "not in a class folder"))
     for label, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
             if p.is_file():
@@ -83,13 +96,15 @@ def main(argv: list[str]) -> None:
     params = load_params("data", argv, __doc__)
     cfg = params["data"]
     source, size, min_size = cfg["source"], cfg["image_size"], cfg["min_size"]
-    if source not in ("digits", "imagefolder"):
-        fail(f"data.source: unknown source '{source}' (expected digits or imagefolder)")
+    if source not in ("digits", "imagefolder", "tfds"):
+        fail(f"data.source: unknown source '{source}' (expected digits, imagefolder or tfds)")
     if not isinstance(size, int) or size < 8:
         fail(f"data.image_size: expected an integer >= 8, got {size!r}")
     if cfg["limit"] is not None and (not isinstance(cfg["limit"], int) or cfg["limit"] < 1):
         fail(f"data.limit: expected a positive integer or null, got {cfg['limit']!r}")
     manifest = Manifest("data", params)
+    if source == "tfds":
+        return write_tfds_index(cfg, manifest)
 
     with atomic_dir(OUT) as tmp:
         if source == "digits":
@@ -122,14 +137,62 @@ def main(argv: list[str]) -> None:
         if not kept:
             fail(f"data: no usable images under {root}")
 
-        write_json(tmp / "index.json", {"root": root_str, "classes": classes, "items": kept})
+        labels = {label for _, label, _ in kept}
+        empty = [c for i, c in enumerate(classes) if i not in labels]
+        write_json(tmp / "index.json", {"source": "imagefolder", "root": root_str, "classes": classes,
+                                        "items": kept, "empty_classes": empty})
         manifest.counts = {"total": len(items) + len(others), "processed": len(kept),
                            "skipped": len(manifest.skipped), "classes": len(classes)}
         manifest.extra["modes_converted_to_rgb"] = {m: n for m, n in modes.items() if m != "RGB"}
+        manifest.extra["empty_classes"] = empty  # no usable image; the label index is kept all the same
         if source == "imagefolder":
             manifest.inputs["images_index"] = "per-file sha256 in index.json"
         manifest.write(tmp)
     print(f"data: {len(kept)} images, {len(classes)} classes, {len(manifest.skipped)} skipped -> {OUT}")
+
+
+def inspect_bytes(args: tuple[bytes, int]) -> tuple[str, str | None, str | None]:
+    import hashlib
+
+    data, min_size = args
+    try:
+        _, mode = decode_rgb(data, min_size)
+    except BadImage as e:
+        return "", None, str(e)
+    return hashlib.sha256(data).hexdigest(), mode, None
+
+
+def write_tfds_index(cfg: dict, manifest: Manifest) -> None:
+    """Index a tfds split: every example decoded once, bad ones listed by tfds id."""
+    spec, classes, examples = index_tfds(cfg)
+    kept, modes, total = [], {}, 0
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with atomic_dir(OUT) as tmp, ProcessPoolExecutor(workers) as pool:
+        while block := list(itertools.islice(examples, 4096)):  # bounded: ImageNet is 140 GB of JPEGs
+            results = pool.map(inspect_bytes, [(data, cfg["min_size"]) for *_, data in block],
+                               chunksize=64)
+            for (_, key, label, _), (digest, mode, reason) in zip(block, results):
+                total += 1
+                if reason:
+                    manifest.skip(key, reason)
+                else:
+                    kept.append([key, label, digest])
+                    modes[mode] = modes.get(mode, 0) + 1
+        if not kept:
+            fail(f"data: no usable images in {spec['name']} {spec['split']}")
+        spec["num_examples"] = total
+        labels = {label for _, label, _ in kept}
+        empty = [c for i, c in enumerate(classes) if i not in labels]
+        write_json(tmp / "index.json", {"source": "tfds", "tfds": spec, "classes": classes,
+                                        "items": kept, "empty_classes": empty})
+        manifest.counts = {"total": total, "processed": len(kept), "skipped": len(manifest.skipped),
+                           "classes": len(classes)}
+        manifest.extra.update({"modes_converted_to_rgb": {m: n for m, n in modes.items() if m != "RGB"},
+                               "empty_classes": empty, "tfds": spec})
+        manifest.inputs["images_index"] = "per-example sha256 of the encoded image in index.json"
+        manifest.write(tmp)
+    print(f"data: {len(kept)} images of {spec['name']}/{spec['split']}, {len(classes)} classes, "
+          f"{len(manifest.skipped)} skipped -> {OUT}")
 
 
 if __name__ == "__main__":

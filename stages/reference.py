@@ -15,7 +15,7 @@ import numpy as np
 
 from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
                            require_path, sha256_file)
-from stages.images import BadImage, iter_items, load_image, read_index
+from stages.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/reference")
 
@@ -64,12 +64,14 @@ def main(argv: list[str]) -> None:
     manifest.add_input("data", DATA / "index.json")
     images, labels = [], []
     index = read_index(DATA)
-    for _, path, label in iter_items(index):
-        try:
-            images.append(load_image(path, size))
+    total = 0
+    for key, label, image in iter_images(index, size):  # image files or a tfds split alike
+        total += 1
+        if isinstance(image, BadImage):
+            manifest.skip(key, str(image))
+        else:
+            images.append(image)
             labels.append(label)
-        except BadImage as e:
-            manifest.skip(str(path), str(e))
     if not images:
         fail("artifacts/data: no readable images for the reference batch")
     images = np.stack(images)
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> None:
     with atomic_dir(OUT) as tmp:
         write_reference(tmp / "reference.npz", images[keep], features, feature_id=inception.feature_id,
                         images_pool_3=features["pool_3"][keep])
-        manifest.counts = {"total": len(index["items"]), "processed": len(images),
+        manifest.counts = {"total": total, "processed": len(images),
                            "skipped": len(manifest.skipped), "kept_in_arr_0": int(len(keep))}
         manifest.extra.update({"inception": {"source": inception.source,
                                              "weights_sha256": inception.weights_sha256},

@@ -37,6 +37,10 @@ def make_tree(root):
     good = (root / "n01/ok0.JPEG").read_bytes()
     (root / "n01/truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "n02/notes.txt").write_text("not an image")
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(root / "n02/gray16.png")  # 16-bit grey
+    Image.new("P", (40, 40), 3).save(root / "n01/palette.png")
+    (root / "n03_empty").mkdir()  # a synset with no images keeps its label index
+    (root / "README").write_text("stray file beside the class folders")
 
 
 def test_imagefolder_skips_and_lists_bad_items(workdir, tmp_path):
@@ -48,15 +52,31 @@ def test_imagefolder_skips_and_lists_bad_items(workdir, tmp_path):
     index = json.loads((out / "index.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     kept = {it[0] for it in index["items"]}
-    assert {"n01/gray.png", "n01/cmyk.jpg", "n02/alpha.png"} <= kept  # converted, not dropped
+    converted = {"n01/gray.png", "n01/cmyk.jpg", "n02/alpha.png", "n02/gray16.png", "n01/palette.png"}
+    assert converted <= kept  # converted, not dropped
     skipped = {s["item"]: s["reason"] for s in manifest["skipped"]}
-    assert set(skipped) == {"n02/tiny.png", "n02/corrupt.jpg", "n01/truncated.jpg", "n02/notes.txt"}
+    assert set(skipped) == {"n02/tiny.png", "n02/corrupt.jpg", "n01/truncated.jpg", "n02/notes.txt",
+                            "README"}
     assert "too small" in skipped["n02/tiny.png"] and "not an image" in skipped["n02/notes.txt"]
+    assert "not in a class folder" in skipped["README"]
     c = manifest["counts"]
-    assert c["processed"] + c["skipped"] == c["total"] == 13 and c["processed"] == 9
-    assert manifest["modes_converted_to_rgb"] == {"L": 1, "CMYK": 1, "RGBA": 1}
+    assert c["processed"] + c["skipped"] == c["total"] == 16 and c["processed"] == 11
+    assert c["classes"] == 3 and index["classes"] == ["n01", "n02", "n03_empty"]
+    assert manifest["empty_classes"] == index["empty_classes"] == ["n03_empty"]
+    assert manifest["modes_converted_to_rgb"] == {"L": 1, "CMYK": 1, "RGBA": 1, "I;16": 1, "P": 1}
     assert index["root"] == str(root.resolve())
     assert {it[1] for it in index["items"] if it[0].startswith("n02/")} == {1}
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    import io
+
+    from pipelines.images import decode_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(buf, "PNG")  # 32896 = 128 * 257
+    rgb, mode = decode_rgb(buf.getvalue())
+    assert mode in ("I;16", "I") and np.asarray(rgb)[0, 0].tolist() == [128, 128, 128]
 
 
 def test_center_crop_matches_adm():

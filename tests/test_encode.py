@@ -88,3 +88,19 @@ def test_too_many_shards_is_refused(encoded):
     proc = run_stage("encode", encoded, "--set", "data.image_size=16", "--set", "encode.shards=50", check=False)
     assert proc.returncode == 2 and "encode.shards" in proc.stderr
     assert not (encoded / "artifacts/latents").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "encode.runner=NoSuchRunner"], "encode.runner"),
+    (["--set", "encode.dtype=bfloat16"], "encode.dtype"),
+    ([], "artifacts/vae"),  # the VAE folder's config does not match its weights
+])
+def test_bad_whole_job_input_is_one_line_exit_2(encoded, args, needle):
+    if not args:
+        config = json.loads((encoded / "artifacts/vae/config.json").read_text())
+        config["latent_channels"] = 8
+        (encoded / "artifacts/vae/config.json").write_text(json.dumps(config))
+    proc = run_stage("encode", encoded, "--set", "data.image_size=16", *args, check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert not (encoded / "artifacts/latents").exists()

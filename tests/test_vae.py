@@ -245,3 +245,21 @@ def test_stage_converts_a_pretrained_folder(workdir, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, want_params)
     m = json.loads((workdir / "artifacts" / "vae" / "manifest.json").read_text())
     assert m["counts"]["steps"] == 0 and "pretrained" in m["inputs_sha256"]
+
+
+@pytest.mark.slow
+def test_encode_parity_full_sd_config_at_256():
+    """The posterior the encode job stores, at the SD VAE's full size (sd-vae-ft-ema's config, random
+    weights converted) on 256 px images: mean and std within 1e-4 relative of diffusers'."""
+    tm = torch_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+    config = VAEConfig.from_diffusers(dict(tm.config))
+    params = vae_lib.convert_diffusers_state_dict(state_dict_np(tm), config)
+    x = images(n=2, size=256, seed=3)
+    with torch.no_grad():
+        dist = tm.encode(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).latent_dist
+    t_mean, t_std = (t.numpy().transpose(0, 2, 3, 1) for t in (dist.mean, dist.std))
+    model = AutoencoderKL(config)
+    mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode))(params, x)
+    assert mean.shape == (2, 32, 32, 4)
+    assert rel_err(mean, t_mean) < 1e-4
+    assert rel_err(np.exp(0.5 * np.asarray(logvar, np.float64)), t_std) < 1e-4
