@@ -210,9 +210,11 @@ def code_version() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "--verify", "-q", "HEAD").strip()
-    # dirty: a tracked file differs from the commit; DVC's own bookkeeping (dvc.lock, .gitignore) is not code
+    # dirty: a tracked file differs from the commit; DVC's own bookkeeping (dvc.lock, .gitignore) and the
+    # results it keeps in git (artifacts/.../metrics.json, train.jsonl) are not code
     changed = [e[3:] for e in git("status", "--porcelain", "-z", "--untracked-files=no").split("\0") if e]
-    dirty = any(Path(f).name not in ("dvc.lock", ".gitignore") for f in changed) if commit else None
+    dirty = any(Path(f).name not in ("dvc.lock", ".gitignore") and "artifacts" not in Path(f).parts
+                for f in changed) if commit else None
     return {"git_commit": commit or None, "dirty": dirty}
 
 

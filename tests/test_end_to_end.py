@@ -139,3 +139,32 @@ def test_sample_param_reruns_only_sample_and_evaluate(repo):
     assert sorted(ran(out)) == ["evaluate", "sample"], out
     metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())
     assert metrics["provenance"]["sampler"]["cfg_scale"] == 2.0
+
+
+def _experiment_fids(node, under_exp=False):
+    """Every numeric 'fid' found below an 'experiments' entry of `dvc exp show --json`."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "fid" and under_exp and isinstance(v, (int, float)):
+                found.append(v)
+            else:
+                found += _experiment_fids(v, under_exp or k == "experiments")
+    elif isinstance(node, list):
+        for v in node:
+            found += _experiment_fids(v, under_exp)
+    return found
+
+
+def test_dvc_experiments_carry_their_fid(repo):
+    """metrics.json and train.jsonl are git-tracked (cache: false, un-ignored), so an experiment's commit
+    holds them and `dvc exp show` has its FID and cost columns (not '!')."""
+    dst, env, _ = repo
+    sh(["git", "add", "-A"], dst, env)
+    sh(["git", "commit", "-qm", "baseline results"], dst, env)
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "sample.cfg_scale=3.0"], dst, env)
+    assert sorted(ran(out)) == ["evaluate", "sample"], out
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], dst, env))
+    fids = _experiment_fids(shown)
+    assert fids and all(np.isfinite(f) for f in fids), json.dumps(shown)[:3000]
+    assert "gflops" in json.dumps(shown)
