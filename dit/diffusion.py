@@ -7,6 +7,11 @@ that takes arrays is pure jnp and jittable; layout is NHWC, so the model output 
 Respacing follows respace.py: a respaced process keeps a subset of the original timesteps, and the
 model always receives ORIGINAL-scale timesteps (`timestep_map[t]`), like its _WrappedModel.
 
+Samplers: ancestral DDPM (p_sample_loop), DDIM (ddim_sample_loop) and DPM-Solver++(2M)
+(dpm_solver_sample_loop, deterministic, data prediction, diffusers' DPMSolverMultistepScheduler
+conventions); `create_diffusion` picks one from the spacing string ("250" -> ddpm, "ddim50" -> ddim,
+"dpm++25" -> dpm++2m) and `sample_loop` runs the one the process was made for.
+
 Randomness in the samplers: `keys` holds one PRNG key per sample. Sample i draws its initial noise
 from split(keys[i])[0] and the noise of respaced step t from fold_in(split(keys[i])[1], t), so a sample
 does not depend on the batch it is drawn in, its position there, or the device count.
@@ -37,12 +42,27 @@ def get_named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
     raise ValueError(f"unknown noise_schedule {name!r}; choose 'linear' or 'squaredcos_cap_v2'")
 
 
+def dpm_solver_timesteps(num_steps: int, n: int) -> np.ndarray:
+    """The N timesteps, descending, of diffusers' DPMSolverMultistepScheduler.set_timesteps(N) with
+    its default timestep_spacing="linspace" (and lambda_min_clipped=-inf): linspace(0, T-1, N+1)
+    rounded, reversed, the final 0 dropped; e.g. T=1000, N=25 -> 999, 959, 919, ..., 80, 40."""
+    if n < 1:
+        raise ValueError(f"dpm++{n}: need at least 1 step")
+    ts = np.linspace(0, num_steps - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if len(set(ts.tolist())) != n:
+        raise ValueError(f"dpm++{n}: cannot make {n} distinct steps from {num_steps}")
+    return ts
+
+
 def space_timesteps(num_steps: int, section_counts) -> set[int]:
     """Timesteps kept when respacing, exactly as respace.py: "250" (or "10,15,20" sections) spreads
-    the counts evenly over equal sections with rounding; "ddimN" uses an integer stride."""
+    the counts evenly over equal sections with rounding; "ddimN" uses an integer stride. "dpm++N"
+    (not in respace.py) keeps diffusers' DPM-Solver++ steps, see dpm_solver_timesteps."""
     if isinstance(section_counts, str):
+        if section_counts.startswith("dpm++"):
+            return set(dpm_solver_timesteps(num_steps, _int_suffix(section_counts, "dpm++")).tolist())
         if section_counts.startswith("ddim"):
-            want = int(section_counts[len("ddim"):])
+            want = _int_suffix(section_counts, "ddim")
             for stride in range(1, num_steps):
                 if len(range(0, num_steps, stride)) == want:
                     return set(range(0, num_steps, stride))
@@ -59,6 +79,22 @@ def space_timesteps(num_steps: int, section_counts) -> set[int]:
         steps += [start + round(stride * j) for j in range(count)]
         start += size
     return set(steps)
+
+
+def _int_suffix(spacing: str, prefix: str) -> int:
+    try:
+        return int(spacing[len(prefix):])
+    except ValueError:
+        raise ValueError(f"timestep_respacing={spacing!r}: expected {prefix}N with an integer N") from None
+
+
+def sampler_for(spacing) -> str:
+    """The sampler a spacing string selects: "ddimN" -> "ddim", "dpm++N" -> "dpm++2m", else "ddpm"."""
+    if isinstance(spacing, str) and spacing.startswith("ddim"):
+        return "ddim"
+    if isinstance(spacing, str) and spacing.startswith("dpm++"):
+        return "dpm++2m"
+    return "ddpm"
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,8 +140,13 @@ class GaussianDiffusion:
     [-1, 1]), (N, H, W, C) without.
     """
 
+    SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
     def __init__(self, betas, *, learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
-                 timestep_map=None):
+                 timestep_map=None, sampler_kind: str = "ddpm"):
+        if sampler_kind not in self.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler_kind!r}; choose one of {', '.join(self.SAMPLERS)}")
+        self.sampler_kind = sampler_kind
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1]")
@@ -285,11 +326,77 @@ class GaussianDiffusion:
 
         return self._loop(step, x_T)
 
+    def dpm_solver_coefficients(self) -> np.ndarray:
+        """(T, 3) float64: step from respaced index t to t-1 is x <- a x + b D0 + c (D0 - D1).
+
+        DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2), written as diffusers'
+        DPMSolverMultistepScheduler (algorithm_type="dpmsolver++", solver_order=2,
+        solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero") runs it, with
+        alpha_s = sqrt(abar_s), sigma_s = sqrt(1 - abar_s), lambda = log(alpha / sigma), h = lambda_t -
+        lambda_s, and D0 = x0_pred(s), D1 = x0_pred of the previous step:
+          first order  x_t = (sigma_t/sigma_s) x - alpha_t (e^-h - 1) D0
+          second order   ... - 0.5 alpha_t (e^-h - 1) (h / h_prev) (D0 - D1)
+        The first step (no history) and the last one (to sigma = 0, abar_prev = 1 at index 0, which
+        returns x0_pred) are first order; the rest second order.
+        """
+        abar, abar_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+        alpha_s, sigma_s = np.sqrt(abar), np.sqrt(1.0 - abar)
+        alpha_t, sigma_t = np.sqrt(abar_prev), np.sqrt(1.0 - abar_prev)
+        with np.errstate(divide="ignore"):
+            lam_s = np.log(alpha_s) - np.log(sigma_s)
+            lam_t = np.log(alpha_t) - np.log(sigma_t)  # +inf where abar_prev == 1
+        h = lam_t - lam_s
+        expm = -np.expm1(-h)  # 1 - e^-h, exactly 1 for h = inf
+        a = sigma_t / sigma_s
+        b = alpha_t * expm
+        # second order where a previous step exists (t < T-1) and t is not the last step (t > 0)
+        h_prev = np.append(lam_s[:-1] - lam_s[1:], np.nan)  # lambda_s - lambda of index t+1
+        idx = np.arange(self.num_timesteps)
+        second = (idx < self.num_timesteps - 1) & (idx > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.where(second, 0.5 * b * h / h_prev, 0.0)
+        return np.stack([a, b, c], axis=1)
+
+    def dpm_solver_sample_loop(self, model_fn, shape, keys, noise=None):
+        """DPM-Solver++(2M), deterministic given the initial noise; returns x_0 (the last step's data
+        prediction). The model's eps is its first C output channels (the learned variance is unused,
+        as DiTPipeline drops it before the scheduler). keys: one per sample, for the initial noise
+        only; noise: optional initial x_T, as in p_sample_loop."""
+        x_T, _ = self._noise_fns(keys, shape)
+        x_T = self._initial(x_T, noise)
+        coef = jnp.asarray(self.dpm_solver_coefficients(), jnp.float32)
+        c = x_T.shape[-1]
+
+        def body(i, carry):
+            x, d_prev = carry
+            t = self.num_timesteps - 1 - i
+            t_vec = jnp.full((x.shape[0],), t, jnp.int32)
+            eps = self._model(model_fn, x, t_vec)
+            if self.learn_sigma:
+                eps = eps[..., :c]
+            e = lambda a: self._extract(a, t_vec, x.ndim)
+            d0 = e(self.sqrt_recip_alphas_cumprod) * x - e(self.sqrt_recipm1_alphas_cumprod) * eps
+            a, b, cc = coef[t, 0], coef[t, 1], coef[t, 2]
+            return a * x + b * d0 + cc * (d0 - d_prev), d0
+
+        x, _ = jax.lax.fori_loop(0, self.num_timesteps, body, (x_T, jnp.zeros_like(x_T)))
+        return x
+
+    def sample_loop(self, model_fn, shape, keys, noise=None):
+        """The sampler this process was made for (`sampler_kind`): DDPM, DDIM (eta 0) or
+        DPM-Solver++(2M), each without clipping (DiT samples latents)."""
+        if self.sampler_kind == "ddim":
+            return self.ddim_sample_loop(model_fn, shape, keys, noise=noise)
+        if self.sampler_kind == "dpm++2m":
+            return self.dpm_solver_sample_loop(model_fn, shape, keys, noise=noise)
+        return self.p_sample_loop(model_fn, shape, keys, noise=noise)
+
 
 def create_diffusion(timestep_respacing: str = "", noise_schedule: str = "linear",
                      learn_sigma: bool = True, diffusion_steps: int = 1000,
                      rescale_learned_sigmas: bool = False) -> GaussianDiffusion:
-    """The DiT factory: "" keeps all `diffusion_steps`; "250" or "ddim50" respaces."""
+    """The DiT factory: "" keeps all `diffusion_steps`; "250", "ddim50" or "dpm++25" respaces, and
+    the spacing picks `sampler_kind` ("ddpm", "ddim", "dpm++2m") for `sample_loop`."""
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     spacing = timestep_respacing or [diffusion_steps]
     use = sorted(space_timesteps(diffusion_steps, spacing))
@@ -300,4 +407,5 @@ def create_diffusion(timestep_respacing: str = "", noise_schedule: str = "linear
         new_betas.append(1 - alphas_cumprod[i] / last)
         last = alphas_cumprod[i]
     return GaussianDiffusion(np.array(new_betas), learn_sigma=learn_sigma,
-                             rescale_learned_sigmas=rescale_learned_sigmas, timestep_map=use)
+                             rescale_learned_sigmas=rescale_learned_sigmas, timestep_map=use,
+                             sampler_kind=sampler_for(timestep_respacing))

@@ -232,3 +232,36 @@ def test_dit_sample_same_in_batch_of_one_and_four():
     full = np.asarray(jax.jit(sample)(keys, y))
     one = np.asarray(jax.jit(sample)(keys[1:2], y[1:2]))
     np.testing.assert_allclose(full[1:2], one, rtol=1e-5, atol=1e-5)
+
+
+def test_spacing_strings_select_the_sampler():
+    assert create_diffusion("250").sampler_kind == "ddpm"
+    assert create_diffusion("").sampler_kind == "ddpm"
+    assert create_diffusion("ddim50").sampler_kind == "ddim"
+    assert create_diffusion("dpm++25").sampler_kind == "dpm++2m"
+    np.testing.assert_array_equal(gd.dpm_solver_timesteps(1000, 25)[:3], [999, 959, 919])
+    assert gd.dpm_solver_timesteps(1000, 25)[-1] == 40
+    for bad in ("dpm++0", "dpm++x", "dpm++1000", "ddimx"):
+        with pytest.raises(ValueError):
+            create_diffusion(bad)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        gd.GaussianDiffusion(np.full(3, 0.1), sampler_kind="euler")
+
+
+def test_sample_loop_dispatches_and_dpm_ignores_keys_after_the_start(monkeypatch):
+    for spacing, method in (("10", "p_sample_loop"), ("ddim10", "ddim_sample_loop"),
+                            ("dpm++10", "dpm_solver_sample_loop")):
+        d = create_diffusion(spacing)
+        monkeypatch.setattr(d, method, lambda *a, **k: (method, a, k))
+        assert d.sample_loop("fn", "shape", "keys", noise="x_T") == (method, ("fn", "shape", "keys"),
+                                                                     {"noise": "x_T"})
+    # DPM-Solver++ uses the keys only for x_T: given x_T, other keys change nothing
+    toy = lambda x, t: jnp.concatenate([0.3 * x + (t / 1000.0)[:, None, None, None], jnp.tanh(x)], -1)
+    shape = (2, 4, 4, 2)
+    d = create_diffusion("dpm++10")
+    run = jax.jit(lambda k, n: d.sample_loop(toy, shape, k, noise=n))
+    x_T = jax.random.normal(jax.random.key(5), shape)
+    a = run(jax.random.split(jax.random.key(1), 2), x_T)
+    b = run(jax.random.split(jax.random.key(9), 2), x_T)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(np.asarray(a)).all() and np.abs(np.asarray(a) - np.asarray(x_T)).max() > 0.1
