@@ -113,6 +113,16 @@ def test_another_per_device_batch_is_close(trained, baseline):
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01
 
 
+@pytest.mark.parametrize("spacing, kind", [("ddim3", "ddim"), ("dpm++3", "dpm++2m")])
+def test_every_sampler_runs_in_the_stage(trained, spacing, kind):
+    sample(trained, "--set", f"sample.num_sampling_steps={spacing}")
+    _, m = outputs(trained)
+    assert m["sampler"]["kind"] == kind and m["sampler"]["respacing"] == spacing
+    assert m["cost"]["sample_gflops_per_image"] == pytest.approx(m["cost"]["gflops"] * 3 * 2)
+    with np.load(trained / "artifacts/samples/samples.npz", allow_pickle=False) as s:
+        assert s["arr_0"].shape == (12, 16, 16, 3) and s["arr_0"].std() > 0
+
+
 def test_a_corrupt_chunk_is_recomputed_and_listed(trained, baseline):
     sample(trained)  # the module's chunks again (batch_size 4)
     chunk = trained / "artifacts/.sample-work/chunk-000001.npz"
