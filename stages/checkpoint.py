@@ -117,30 +117,31 @@ def manager(ckpt_dir: Path, **options):
     return ocp.CheckpointManager((Path(ckpt_dir) / "orbax").resolve(), options=opts)
 
 
-def writers(ckpt_dir: Path, ckpt_every: int, keep_every: int | None):
+def writers(ckpt_dir: Path, keep_every: int | None):
     """The trainer's two managers: rolling full states, and (keep_every set) the EMAs kept for good.
-    Saves are asynchronous (Orbax's default): the step loop goes on while a checkpoint is written."""
+    Saves are asynchronous (Orbax's default): the step loop goes on while a checkpoint is written.
+    Orbax removes the tmp folders of saves a dead run left unfinished (cleanup_tmp_directories)."""
     import orbax.checkpoint as ocp
 
-    rolling = manager(ckpt_dir, save_interval_steps=ckpt_every, max_to_keep=KEEP_LAST, create=True,
-                      cleanup_tmp_directories=True)
+    rolling = manager(ckpt_dir, max_to_keep=KEEP_LAST, create=True, cleanup_tmp_directories=True)
     kept = None
     if keep_every:
         kept = ocp.CheckpointManager((Path(ckpt_dir) / "kept").resolve(), options=ocp.CheckpointManagerOptions(
-            save_interval_steps=keep_every, create=True, cleanup_tmp_directories=True))
+            create=True, cleanup_tmp_directories=True))
     return rolling, kept
 
 
-def save(mgr, kept, step: int, state: dict, meta: dict, force: bool = False) -> bool:
-    """Save step's state if it is time (or force); returns whether the rolling manager saved."""
+def save(mgr, kept, step: int, state: dict, meta: dict) -> None:
+    """Save step's full state (and its EMA in `kept`, when given). The trainer decides when (every
+    train.ckpt_every steps, the last step, a stop signal), so Orbax's own interval policy is not used."""
     import orbax.checkpoint as ocp
 
-    if kept is not None and kept.should_save(step):
-        kept.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(state["ema"])))
-    return mgr.save(step, args=ocp.args.Composite(
+    if kept is not None:
+        kept.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(state["ema"])), force=True)
+    mgr.save(step, args=ocp.args.Composite(
         ema=ocp.args.StandardSave(state["ema"]),
         state=ocp.args.StandardSave({"params": state["params"], "opt_state": state["opt_state"]}),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def check_fits(ckpt_dir: Path, step: int, abstract_params) -> str | None:

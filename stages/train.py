@@ -11,7 +11,9 @@ resumed, or made longer, ends with the bytes of an uninterrupted run on the same
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -36,8 +38,9 @@ def model_config(cfg: dict, latents: dict):
         else:
             config = dit_config(None, depth=cfg["depth"], hidden_size=cfg["hidden_size"],
                                 num_heads=cfg["num_heads"], patch_size=cfg["patch_size"], **common)
-    except ValueError as e:
-        fail(f"train.model: {e}")
+    except ValueError as e:  # e.g. a patch size that does not divide the latents
+        param = "train.patch_size" if "patch_size" in str(e) and not cfg["model"] else "train.model"
+        fail(f"{param}: {e} (artifacts/latents holds {h}x{w}x{c} latents)")
     if h != w or h % config.patch_size:
         fail(f"artifacts/latents: latents {h}x{w}x{c} do not fit the model: patch size {config.patch_size} "
              f"needs square latents with a side divisible by it (train.model / train.patch_size)")
@@ -59,6 +62,46 @@ def check_params(cfg: dict) -> None:
             fail(f"train.{key}: expected null (off) or a positive number, got {cfg[key]!r}")
     if cfg["dtype"] not in ("float32", "bfloat16"):
         fail(f"train.dtype: expected float32 or bfloat16, got {cfg['dtype']!r}")
+
+
+def make_step(model, diffusion, tx, scale: float, ema_decay: float, train_key):
+    """The pure train step: (state, global batch, step) -> (state, metrics). Keys: fold_in(key, step),
+    then one draw per global batch position (threefry is partitionable, so the draws do not depend on
+    how the batch is sharded)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(p, batch, key):
+        k_z, k_t, k_n, k_drop = jax.random.split(key, 4)
+        mean, logvar = batch["mean"], batch["logvar"]
+        z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)) * scale
+        t = jax.random.randint(k_t, (z.shape[0],), 0, diffusion.num_timesteps)
+        noise = jax.random.normal(k_n, z.shape)
+
+        def model_fn(x, tt):
+            return model.apply({"params": p}, x, tt, batch["label"], train=True, rngs={"dropout": k_drop})
+
+        terms = diffusion.training_losses(model_fn, z, t, noise)
+        return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+
+    def train_step(state, batch, step):
+        key = jax.random.fold_in(train_key, step)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, q: ema_decay * e + (1.0 - ema_decay) * q, state["ema"], new)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
+        return {"params": new, "ema": ema, "opt_state": opt_state}, metrics
+
+    return train_step
+
+
+def make_optimizer(cfg: dict):
+    import optax
+
+    tx = optax.adamw(cfg["lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg["weight_decay"])
+    return optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx) if cfg["grad_clip"] else tx
 
 
 def resume_point(cfg: dict, fp: str, ident: dict) -> tuple[int, str | None]:
@@ -104,8 +147,6 @@ def main(argv: list[str]) -> None:
     records = open_records(shards, counts, cfg["use_flips"], latents["flip"])
 
     import jax
-    import jax.numpy as jnp
-    import optax
     from jax.experimental import multihost_utils
 
     from dit.diffusion import create_diffusion
@@ -129,9 +170,7 @@ def main(argv: list[str]) -> None:
 
     model = DiT(config)
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=config.learn_sigma)
-    tx = optax.adamw(cfg["lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg["weight_decay"])
-    if cfg["grad_clip"]:
-        tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx)
+    tx = make_optimizer(cfg)
     root = jax.random.fold_in(jax.random.key(params["seed"]), cfg["seed"])
     init_key, train_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
     scale = float(latents["scaling_factor"])
@@ -179,7 +218,7 @@ def main(argv: list[str]) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("train: checkpoint folder ready")
 
-    mgr, kept = checkpoint.writers(CKPT, cfg["ckpt_every"], cfg["keep_every"])
+    mgr, kept = checkpoint.writers(CKPT, cfg["keep_every"])
     window = None
     if start:
         try:
@@ -195,29 +234,7 @@ def main(argv: list[str]) -> None:
         state = jax.jit(lambda k: {"params": (p := init_params(config, k)), "ema": p, "opt_state": tx.init(p)},
                         out_shardings=state_shard)(init_key)
 
-    def loss_fn(p, batch, key):
-        k_z, k_t, k_n, k_drop = jax.random.split(key, 4)
-        mean, logvar = batch["mean"], batch["logvar"]
-        z = (mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mean.shape)) * scale
-        t = jax.random.randint(k_t, (z.shape[0],), 0, diffusion.num_timesteps)
-        noise = jax.random.normal(k_n, z.shape)
-
-        def model_fn(x, tt):
-            return model.apply({"params": p}, x, tt, batch["label"], train=True, rngs={"dropout": k_drop})
-
-        terms = diffusion.training_losses(model_fn, z, t, noise)
-        return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
-
-    def train_step(state, batch, step):
-        key = jax.random.fold_in(train_key, step)
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = optax.apply_updates(state["params"], updates)
-        d = cfg["ema_decay"]
-        ema = jax.tree.map(lambda e, q: d * e + (1.0 - d) * q, state["ema"], new)
-        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads)}
-        return {"params": new, "ema": ema, "opt_state": opt_state}, metrics
-
+    train_step = make_step(model, diffusion, tx, scale, cfg["ema_decay"], train_key)
     train_step = jax.jit(train_step, in_shardings=(state_shard, x_shard, None),
                          out_shardings=(state_shard, None), donate_argnums=0)
 
@@ -228,28 +245,34 @@ def main(argv: list[str]) -> None:
                    peak=None if devices[0].platform == "cpu" and not cfg["peak_tflops"] else
                    peak_tflops(devices[0].device_kind, cfg["dtype"], cfg["peak_tflops"]), window=window)
     stop = Preemption(multihost=jax.process_count() > 1)
+    # Tests set DIT_TRAIN_RECORD_IDS to see which records each process read at each step.
+    ids_path = os.environ.get("DIT_TRAIN_RECORD_IDS")
+    ids_file = open(f"{ids_path}.{jax.process_index()}", "a") if ids_path else None
     step, t0 = start, time.time()
     try:
         while step < cfg["steps"]:
             if stop.should_stop(mgr, step):
                 log.flush()
                 with log.paused():
-                    checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window}, force=True)
+                    checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window})
                 mgr.wait_until_finished()
                 print(f"train: stopped by {stop.name} at step {step}; checkpoint saved, rerun to continue",
                       file=sys.stderr)
                 sys.exit(stop.exit_code)
             host = next(loader)
+            if ids_file:
+                ids_file.write(json.dumps({"step": step + 1, "records": host["record"].tolist()}) + "\n")
             batch = {k: jax.make_array_from_process_local_data(x_shard, host[k], (B, *host[k].shape[1:]))
                      for k in ("mean", "logvar", "label")}
             state, metrics = train_step(state, batch, step)
             step += 1
             log.step_done(step, metrics)
-            if step == cfg["steps"] or mgr.should_save(step) or (kept is not None and kept.should_save(step)):
+            keep = bool(cfg["keep_every"]) and step % cfg["keep_every"] == 0
+            if step == cfg["steps"] or step % cfg["ckpt_every"] == 0 or keep:
                 log.flush()  # a state is saved only once its loss was seen finite
                 with log.paused():
-                    checkpoint.save(mgr, kept, step, state, {"fingerprint": fp, "window": log.window},
-                                    force=step == cfg["steps"])
+                    checkpoint.save(mgr, kept if keep else None, step, state,
+                                    {"fingerprint": fp, "window": log.window})
     except NonFinite as e:
         mgr.wait_until_finished()
         fail(f"train: non-finite loss at step {e.step} ({', '.join(f'{k} {v:.4g}' for k, v in e.values.items())}); "
@@ -257,6 +280,8 @@ def main(argv: list[str]) -> None:
              f"(now {cfg['lr']}) or train.grad_clip (now {cfg['grad_clip']}, e.g. 1.0)")
     finally:
         log.close()
+        if ids_file:
+            ids_file.close()
         stop.restore()
     mgr.wait_until_finished()
     if kept is not None:
