@@ -76,8 +76,9 @@ def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
         dest = base.with_name(f"{base.name}-{n}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     ckpt_dir.rename(dest)
-    if Path(log).is_file():
-        Path(log).rename(dest / Path(log).name)
+    for f in (Path(log), Path(log).with_suffix(".tsv")):
+        if f.is_file():
+            f.rename(dest / f.name)
     return dest
 
 

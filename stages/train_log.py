@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 FIELDS = ("loss", "mse", "vb", "grad_norm")
+# logs/train.tsv repeats the lines for `dvc plots` (which reads JSON, YAML, CSV and TSV but not JSONL)
+PLOT_COLUMNS = ("step", *FIELDS, "img_per_s", "mfu")
 
 # Dense peak TFLOP/s per JAX device: (bfloat16, float32). float32 matmuls run at XLA's default precision:
 # bf16 passes on TPU, TF32 on A100/H100, so those are the rates a float32 run can reach.
@@ -94,7 +96,16 @@ class TrainLog:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(kept))
         tmp.rename(self.path)
+        tsv = self.path.with_suffix(".tsv")
+        tmp = tsv.with_name(f".{tsv.name}.tmp")
+        tmp.write_text("\t".join(PLOT_COLUMNS) + "\n" + "".join(self._tsv(json.loads(l)) for l in kept))
+        tmp.rename(tsv)
+        self._plots = open(tsv, "a")
         return open(self.path, "a")
+
+    @staticmethod
+    def _tsv(row: dict) -> str:
+        return "\t".join("" if row.get(k) is None else f"{row[k]:.6g}" for k in PLOT_COLUMNS) + "\n"
 
     # --------------------------------------------------------------------------------- per step
 
@@ -134,7 +145,8 @@ class TrainLog:
     def _write(self, step: int) -> None:
         n = self.window["count"]
         row = {"step": step, **{k: self.window[k] / n for k in FIELDS}}
-        img_s = self._win_steps * self.batch / self._win_s if self._win_steps and self._win_s > 0 else None
+        timed = self._win_steps and self._win_s > 0 and step > 1  # step 1's window is one dispatch
+        img_s = self._win_steps * self.batch / self._win_s if timed else None
         row["steps_per_s"] = img_s / self.batch if img_s else None
         row["img_per_s"] = img_s
         row["mfu"] = self.mfu(img_s)
@@ -142,6 +154,8 @@ class TrainLog:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+            self._plots.write(self._tsv(row))
+            self._plots.flush()
             self._bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.1f}" if img_s else "-")
 
     def mfu(self, img_s: float | None) -> float | None:
@@ -173,3 +187,4 @@ class TrainLog:
             self._bar.close()
         if self._file is not None:
             self._file.close()
+            self._plots.close()
