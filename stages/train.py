@@ -105,17 +105,14 @@ def make_optimizer(cfg: dict):
 
 
 def resume_point(cfg: dict, fp: str, ident: dict) -> tuple[int, str | None]:
-    """(step to start from, why the folder must be moved aside or None). Reads only; fails on a folder
-    that cannot be trusted. Step 0 with no reason: a fresh start in a fresh (or empty) folder."""
+    """(step to start from, why the folder must be moved aside or None). Reads only. Step 0 with no
+    reason: a fresh start in a fresh folder, or in one a run left before its first checkpoint."""
     from stages import checkpoint
 
     run = checkpoint.read_run(CKPT)
     steps = orbax_steps()
-    if run is None:
-        if steps:
-            fail(f"{CKPT}: Orbax steps {steps[-3:]} but no run.json, so what they were trained from is "
-                 f"unknown; move the folder aside or delete it")
-        return 0, None
+    if run is None:  # an older trainer's folder, or one copied in: what it was trained from is unknown
+        return 0, (f"Orbax steps {steps[-3:]} without a run.json" if steps else None)
     if run.get("fingerprint") != fp:
         return 0, checkpoint.differences(run.get("identity", {}), ident)
     k = steps[-1] if steps else 0
@@ -205,7 +202,7 @@ def main(argv: list[str]) -> None:
         multihost_utils.sync_global_devices("train: resume point decided")
     if primary:
         if aside:
-            dest = checkpoint.move_aside(CKPT, LOG, checkpoint.read_run(CKPT).get("fingerprint", ""))
+            dest = checkpoint.move_aside(CKPT, LOG, (checkpoint.read_run(CKPT) or {}).get("fingerprint", ""))
             print(f"train: {CKPT} was trained from something else ({aside}); moved to {dest}, starting fresh")
         elif start == 0 and CKPT.exists():
             shutil.rmtree(CKPT)  # a run that died before its first checkpoint: nothing worth keeping
