@@ -37,7 +37,7 @@ def values(row):
 
 def saved_steps(wd):
     d = wd / "artifacts/checkpoints/orbax"
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def interrupt(wd, sig):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = random.Random().randint(21, STEPS - 30)
     path, logged, deadline = wd / "artifacts/logs/train.jsonl", 0, time.time() + 300
-    while logged < target and proc.poll() is None and time.time() < deadline:
+    # past a random step and after the first checkpoint is complete (Orbax saves asynchronously)
+    while (logged < target or not saved_steps(wd)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
         if path.is_file():
             lines = [l for l in path.read_text().splitlines() if l.endswith("}")]
@@ -64,7 +65,7 @@ def interrupt(wd, sig):
     assert proc.poll() is None, f"the run ended before step {target}:\n{proc.communicate()[1][-2000:]}"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    print(f"{signal.Signals(sig).name} at logged step {logged} (target {target})")
+    print(f"{signal.Signals(sig).name} at logged step {logged} (target {target}, saved {saved_steps(wd)})")
     return proc, logged, err
 
 
