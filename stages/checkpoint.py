@@ -1,32 +1,185 @@
-"""The Orbax checkpoint layout shared by train (writes), sample and audit (read the EMA back).
+"""The train stage's work folder and Orbax layout, shared by train (writes), sample and audit (read the EMA).
 
-Each step holds two items: `ema` (the weights sampling uses) and `state` (params + optimizer state), so a
-reader restores only the EMA. The EMA is restored replicated on the reader's own mesh, whatever topology
-wrote it.
+    artifacts/checkpoints/        a DVC `persist: true` output: `dvc repro` leaves it for the next run
+      run.json                    the fingerprint of what the run is trained from (written first)
+      orbax/<step>/{ema,state,meta}   the last KEEP_LAST full states (state: params + optimizer state;
+                                  meta: the fingerprint and the log's running sums)
+      kept/<step>/ema             every train.keep_every-th step's EMA, kept for good (FID-vs-steps curves)
+      model.json, manifest.json   written last, when the run completes; the manifest is the commit mark
+
+A checkpoint folder is resumed only when its fingerprint matches: the latents' hash, the root seed and
+every train.* param except RESULT_NEUTRAL. Otherwise it is moved aside whole (never mixed in) and the run
+starts fresh. No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data
+position is the step (stages/loader.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
+
+KEEP_LAST = 3
+FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders are then moved aside
+# Params that do not change the trained weights: how long (a longer run continues a shorter one), how
+# often to log or save, how the data is read, and the mesh (a preempted job may resume on another slice;
+# only the order of floating-point sums across devices differs).
+RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "peak_tflops")
+
+
+# ------------------------------------------------------------------------------------- the fingerprint
+
+
+def identity(latents_sha256: str, params: dict) -> dict:
+    """What a run's weights are a function of."""
+    train = {k: v for k, v in sorted(params["train"].items()) if k not in RESULT_NEUTRAL}
+    return {"format": FORMAT, "latents_sha256": latents_sha256, "seed": params["seed"], "train": train}
+
+
+def fingerprint(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: dict, new: dict) -> str:
+    """'train.lr 0.001 -> 0.002, latents_sha256 ...' for the one line that says why a run starts fresh."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif a != b:
+            short = lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v
+            out.append(f"{key} {short(a)!r} -> {short(b)!r}")
+    return ", ".join(out) or "fingerprint differs"
+
+
+def read_run(ckpt_dir: Path) -> dict | None:
+    path = Path(ckpt_dir) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
+    """Move a run's folder (and its log) to artifacts/checkpoints.aside/<fingerprint>[-n]/."""
+    ckpt_dir = Path(ckpt_dir)
+    base = ckpt_dir.with_name(ckpt_dir.name + ".aside") / (fp[:12] or "unknown")
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_dir.rename(dest)
+    for f in (Path(log), Path(log).with_suffix(".tsv")):
+        if f.is_file():
+            f.rename(dest / f.name)
+    return dest
+
+
+def clean_debris(ckpt_dir: Path) -> list[Path]:
+    """Remove what dead runs of the previous trainer left beside the folder (.checkpoints.tmp-<pid>,
+    .checkpoints.old-<pid>): only those whose process is gone. Orbax's own tmp step folders are removed
+    by the manager (cleanup_tmp_directories)."""
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    for p in ckpt_dir.parent.glob(f".{ckpt_dir.name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------- Orbax managers
 
 
 def manager(ckpt_dir: Path, **options):
+    """The rolling full states (`orbax/`); with no options, a reader's manager."""
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(**options) if options else None
     return ocp.CheckpointManager((Path(ckpt_dir) / "orbax").resolve(), options=opts)
 
 
-def save(mgr, step: int, state: dict, force: bool = False) -> None:
+def writers(ckpt_dir: Path, keep_every: int | None):
+    """The trainer's two managers: rolling full states, and (keep_every set) the EMAs kept for good.
+    Saves are asynchronous (Orbax's default): the step loop goes on while a checkpoint is written.
+    Orbax removes the tmp folders of saves a dead run left unfinished (cleanup_tmp_directories)."""
     import orbax.checkpoint as ocp
 
+    rolling = manager(ckpt_dir, max_to_keep=KEEP_LAST, create=True, cleanup_tmp_directories=True)
+    kept = None
+    if keep_every:
+        kept = ocp.CheckpointManager((Path(ckpt_dir) / "kept").resolve(), options=ocp.CheckpointManagerOptions(
+            create=True, cleanup_tmp_directories=True))
+    return rolling, kept
+
+
+def save(mgr, kept, step: int, state: dict, meta: dict) -> None:
+    """Save step's full state (and its EMA in `kept`, when given). The trainer decides when (every
+    train.ckpt_every steps, the last step, a stop signal), so Orbax's own interval policy is not used."""
+    import orbax.checkpoint as ocp
+
+    if kept is not None:
+        kept.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(state["ema"])), force=True)
     mgr.save(step, args=ocp.args.Composite(
         ema=ocp.args.StandardSave(state["ema"]),
-        state=ocp.args.StandardSave({"params": state["params"], "opt_state": state["opt_state"]})),
-             force=force)
+        state=ocp.args.StandardSave({"params": state["params"], "opt_state": state["opt_state"]}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def check_fits(ckpt_dir: Path, step: int, abstract_params) -> str | None:
+    """None when step's EMA has the parameter tree and shapes of this run's model, else the first leaf
+    that differs (a folder from another model config). Reads Orbax's metadata only; the optimizer
+    state mirrors the parameters, and any other mismatch makes the restore itself fail."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = (Path(ckpt_dir) / "orbax" / str(step) / "ema").resolve()
+    meta = ocp.StandardCheckpointer().metadata(path)
+    have = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0]}
+    want = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    for k in sorted(set(want) | set(have)):
+        if want.get(k) != have.get(k):
+            return f"ema{k}: checkpoint has {have.get(k, 'nothing')}, the model config needs {want.get(k, 'nothing')}"
+    return None
+
+
+def restore(mgr, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """(state, meta) of `step`, placed by the shardings in abstract_state (this run's mesh, whatever
+    mesh wrote it)."""
+    import orbax.checkpoint as ocp
+
+    got = mgr.restore(step, args=ocp.args.Composite(
+        ema=ocp.args.StandardRestore(abstract_state["ema"]),
+        state=ocp.args.StandardRestore({"params": abstract_state["params"],
+                                        "opt_state": abstract_state["opt_state"]}),
+        meta=ocp.args.JsonRestore()))
+    state = {"params": got["state"]["params"], "ema": got["ema"], "opt_state": got["state"]["opt_state"]}
+    return state, got["meta"]
 
 
 def restore_ema(mgr, step: int, config, mesh):
+    """The EMA weights of `step`, replicated on the reader's own mesh (sample, audit)."""
     import jax
     import orbax.checkpoint as ocp
 

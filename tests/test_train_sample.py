@@ -32,6 +32,13 @@ def latents(tmp_path_factory):
     return wd
 
 
+def fresh_copy(latents, dest):
+    """The module's data, VAE and latents without any training output: a run that starts from step 0
+    (train resumes or skips a finished run found in its folder)."""
+    shutil.copytree(latents, dest, ignore=shutil.ignore_patterns("checkpoints*", "samples", "logs"))
+    return dest
+
+
 def train(wd, env, *extra):
     run_stage("train", wd, *TRAIN, *extra, env=env)
     m = json.loads((wd / "artifacts/checkpoints/manifest.json").read_text())
@@ -49,9 +56,15 @@ def test_train_writes_orbax_checkpoints_and_log(latents, trained):
     steps = sorted(int(p.name) for p in (latents / "artifacts/checkpoints/orbax").iterdir()
                    if p.name.isdigit())
     assert steps[-1] == 6 and 3 in steps
-    assert [r["step"] for r in log] == [1, 2, 4, 6] and "compile_s" in log[0]
+    assert [r["step"] for r in log] == [1, 2, 4, 6] and m["compile_s"] > 0
     assert all(r["img_per_s"] > 0 for r in log[1:]) and all(np.isfinite(r["loss"]) for r in log)
+    for r in log:  # the loss is the mean of its terms; MFU is not invented on a CPU
+        assert r["loss"] == pytest.approx(r["mse"] + r["vb"], rel=1e-6) and r["grad_norm"] > 0
+        assert r["mfu"] is None
     assert m["counts"] == {"steps": 6, "images_seen": 96} and len(m["ema_sha256"]) == 64
+    assert m["resumed_from_step"] == 0 and m["final_step"] == 6
+    run = json.loads((latents / "artifacts/checkpoints/run.json").read_text())
+    assert run["fingerprint"] == m["fingerprint"] and "steps" not in run["identity"]["train"]
     model = json.loads((latents / "artifacts/checkpoints/model.json").read_text())
     assert model["dit"]["input_size"] == 8 and model["dit"]["num_classes"] == 10
 
@@ -62,62 +75,108 @@ def test_bad_mesh_is_one_line(latents):
     assert proc.returncode == 2 and "train.mesh" in proc.stderr
 
 
-def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, trained):
+def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, trained, tmp_path):
+    """Bytes are compared only between runs of the same program on the same devices (XLA picks kernels
+    by shape, and CPUs round differently per kernel); across device counts, a tolerance."""
     first, log1 = trained
-    again, log2 = train(latents, ONE)
+    again, log2 = train(fresh_copy(latents, tmp_path / "again"), ONE)
     assert first["ema_sha256"] == again["ema_sha256"]
     assert [r["loss"] for r in log1] == [r["loss"] for r in log2]
-    eight, log8 = train(latents, EIGHT, "--set", "train.mesh={data: 2, fsdp: 4}")
+    eight, log8 = train(fresh_copy(latents, tmp_path / "eight"), EIGHT, "--set", "train.mesh={data: 2, fsdp: 4}")
     assert eight["devices"] == 8 and eight["mesh"] == {"data": 2, "fsdp": 4}
     # the same data, keys and math; only the order of floating-point sums across devices differs
     np.testing.assert_allclose([r["loss"] for r in log8], [r["loss"] for r in log1], rtol=1e-4)
 
 
-def run_two_hosts(stage, wd, *args):
+def run_two_hosts(stage, wd, *args, env=None):
     """`python -m stages.<stage>` as two JAX processes on loopback (gloo), one CPU device each."""
+    for attempt in range(2):
+        logs = _two_hosts_once(stage, wd, args, env)
+        # Under heavy load JAX's coordinator may see a slow RegisterTask retried and abort the job
+        # ("newer incarnation") before any work: a start-up race of the test machine; start again once.
+        if logs is not None and not (attempt == 0 and "newer incarnation" in "".join(logs[1])):
+            break
+    codes, out = logs
+    assert all(c == 0 for c in codes), "\n".join(out)[-4000:]
+
+
+def _two_hosts_once(stage, wd, args, env):
+    """One try: (return codes, outputs). A process that fails ends its peer at once (it would wait at
+    a barrier until the timeout); outputs go to files, so neither can block on a full pipe."""
     import os
     import socket
     import subprocess
     import sys
+    import tempfile
+    import time
 
     from conftest import ROOT
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = []
+    procs, outs = [], []
     for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE, "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(pid)}
+        full = {**os.environ, "PYTHONPATH": str(ROOT), **ONE, "JAX_PLATFORMS": "cpu",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(pid), **(env or {})}
+        outs.append(tempfile.TemporaryFile("w+"))
         procs.append(subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *args], cwd=wd,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    except subprocess.TimeoutExpired:  # a process waiting at a barrier the other never reaches
-        for p in procs:
+                                      env=full, stdout=outs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + 300
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    timed_out = any(p.poll() is None for p in procs) and time.time() >= deadline
+    for p in procs:
+        if p.poll() is None:
             p.kill()
-        raise AssertionError(f"stages.{stage} on two hosts did not finish in 300 s:\n"
-                             + "\n".join(p.communicate()[0] for p in procs)[-4000:]) from None
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+        p.wait()
+    logs = []
+    for f in outs:
+        f.seek(0)
+        logs.append(f.read())
+        f.close()
+    if timed_out:
+        raise AssertionError(f"stages.{stage} on two hosts did not finish in 300 s:\n" + "\n".join(logs)[-4000:])
+    return [p.returncode for p in procs], logs
 
 
 def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, tmp_path):
-    """Two processes, the parameters FSDP-sharded across them: both write their shards into one Orbax
-    folder, process 0 renames it into place, and a one-process sampler restores an EMA with the hash
-    the trainer recorded (it refuses any other)."""
-    wd = tmp_path / "run"  # a copy, so the module's one-process checkpoint stays as it is
-    shutil.copytree(latents, wd, ignore=shutil.ignore_patterns("checkpoints", "samples", "logs"))
-    run_two_hosts("train", wd, *TRAIN, "--set", "train.mesh={data: 1, fsdp: 2}")
+    """Two processes, the parameters FSDP-sharded across them, against one process: the same records at
+    every step (exact: the global batch is fixed by the seed, each host reads its rows of it) and losses
+    within 1e-5 relative for 20 steps (per-device shapes differ, so not bytes). Both write their shards
+    into one Orbax folder, and a one-process sampler restores an EMA with the hash the trainer recorded."""
+    steps = ["--set", "train.steps=20", "--set", "train.log_every=1", "--set", "train.ckpt_every=10"]
+    one = fresh_copy(latents, tmp_path / "one")
+    run_stage("train", one, *TRAIN, *steps, env={**ONE, "DIT_TRAIN_RECORD_IDS": str(one / "ids")})
+    wd = fresh_copy(latents, tmp_path / "two")
+    run_two_hosts("train", wd, *TRAIN, *steps, "--set", "train.mesh={data: 1, fsdp: 2}",
+                  env={"DIT_TRAIN_RECORD_IDS": str(wd / "ids")})
+
+    def ids(path):
+        return [json.loads(l) for l in path.read_text().splitlines()]
+
+    single, host0, host1 = ids(one / "ids.0"), ids(wd / "ids.0"), ids(wd / "ids.1")
+    assert [r["step"] for r in single] == list(range(1, 21)) == [r["step"] for r in host0]
+    for s, a, b in zip(single, host0, host1):
+        assert len(a["records"]) == len(b["records"]) == 8
+        assert a["records"] + b["records"] == s["records"], s["step"]
+
+    def log(w):
+        return [json.loads(l) for l in (w / "artifacts/logs/train.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in log(wd)] == list(range(1, 21))
+    np.testing.assert_allclose([r["loss"] for r in log(wd)], [r["loss"] for r in log(one)], rtol=1e-5)
+
     ckpt = wd / "artifacts/checkpoints"
     m = json.loads((ckpt / "manifest.json").read_text())
     assert m["processes"] == 2 and m["devices"] == 2 and m["mesh"] == {"data": 1, "fsdp": 2}
-    assert m["counts"] == {"steps": 6, "images_seen": 96}
-    steps = sorted(int(p.name) for p in (ckpt / "orbax").iterdir() if p.name.isdigit())
-    assert steps[-1] == 6 and 3 in steps
+    assert m["counts"] == {"steps": 20, "images_seen": 320}
+    steps_saved = sorted(int(p.name) for p in (ckpt / "orbax").iterdir() if p.name.isdigit())
+    assert steps_saved == [10, 20]
     assert not list(ckpt.parent.glob(".checkpoints.*")), "a temp folder was left behind"
-    log = [json.loads(l) for l in (wd / "artifacts/logs/train.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 4, 6] and all(np.isfinite(r["loss"]) for r in log)
     run_stage("sample", wd, *SAMPLE, env=ONE)
     sm = json.loads((wd / "artifacts/samples/manifest.json").read_text())
-    assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 6
+    assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 20
