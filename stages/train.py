@@ -62,6 +62,8 @@ def check_params(cfg: dict) -> None:
             fail(f"train.{key}: expected null (off) or a positive number, got {cfg[key]!r}")
     if cfg["dtype"] not in ("float32", "bfloat16"):
         fail(f"train.dtype: expected float32 or bfloat16, got {cfg['dtype']!r}")
+    if cfg["init_from"] is not None and (not isinstance(cfg["init_from"], str) or not cfg["init_from"]):
+        fail(f"train.init_from: expected null or the path of an official DiT .pt, got {cfg['init_from']!r}")
 
 
 def make_step(model, diffusion, tx, scale: float, ema_decay: float, train_key):
@@ -102,6 +104,22 @@ def make_optimizer(cfg: dict):
 
     tx = optax.adamw(cfg["lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg["weight_decay"])
     return optax.chain(optax.clip_by_global_norm(cfg["grad_clip"]), tx) if cfg["grad_clip"] else tx
+
+
+def released_params(path: Path, config):
+    """Our params from an official DiT .pt (torch.load weights_only=True), checked key by key against the
+    config this run trains; any mismatch is one line naming the key."""
+    import jax
+    import jax.numpy as jnp
+
+    from dit import convert
+
+    try:
+        sd, _ = convert.read_official_checkpoint(str(path))
+        params = convert.official_to_params(sd, config)
+    except ValueError as e:
+        fail(f"train.init_from: {path} does not fit this model: {e}")
+    return jax.tree.map(jnp.asarray, params)
 
 
 def resume_point(cfg: dict, fp: str, ident: dict) -> tuple[int, str | None]:
@@ -187,6 +205,12 @@ def main(argv: list[str]) -> None:
     # ----------------------------------------------------------------- resume or start (nothing written yet)
     manifest = Manifest("train", params)
     ident = checkpoint.identity(manifest.add_input("latents", LATENTS), params)
+    init_from = None
+    if cfg["init_from"] is not None:  # fine-tune a released checkpoint: its bytes are part of the run
+        init_from = Path(str(cfg["init_from"])).expanduser()
+        if not init_from.is_file():
+            fail(f"train.init_from: '{init_from}' does not exist")
+        ident["init_from_sha256"] = manifest.add_input("init_from", init_from)
     fp = checkpoint.fingerprint(ident)
     start, aside = resume_point(cfg, fp, ident)
     if start:
@@ -197,6 +221,8 @@ def main(argv: list[str]) -> None:
         if start == cfg["steps"] and done.get("final_step") == start and done.get("fingerprint") == fp:
             print(f"train: {CKPT} already holds the finished run at step {start}; nothing to do")
             return
+    # a fresh start from a released checkpoint: read and check it before the folder is touched
+    params0 = released_params(init_from, config) if init_from is not None and not start else None
     primary = jax.process_index() == 0
     if jax.process_count() > 1:  # every host has read the folder before process 0 changes it
         multihost_utils.sync_global_devices("train: resume point decided")
@@ -227,6 +253,10 @@ def main(argv: list[str]) -> None:
             fail(f"{CKPT}/orbax/{start}: its fingerprint differs from run.json's; move the folder aside")
         window = meta["window"]
         print(f"train: resuming from step {start} of {cfg['steps']}")
+    elif params0 is not None:
+        state = jax.jit(lambda p: {"params": p, "ema": p, "opt_state": tx.init(p)},
+                        out_shardings=state_shard)(jax.device_put(params0, p_shard))
+        print(f"train: starting from {init_from}")
     else:
         state = jax.jit(lambda k: {"params": (p := init_params(config, k)), "ema": p, "opt_state": tx.init(p)},
                         out_shardings=state_shard)(init_key)

@@ -180,3 +180,29 @@ def test_train_across_two_hosts_with_parameters_sharded_over_them(latents, tmp_p
     run_stage("sample", wd, *SAMPLE, env=ONE)
     sm = json.loads((wd / "artifacts/samples/manifest.json").read_text())
     assert sm["ema_sha256"] == m["ema_sha256"] and sm["checkpoint_step"] == 20
+
+
+def test_fine_tunes_from_a_released_checkpoint(latents, trained, tmp_path):
+    """train.init_from: an official-format .pt (written with torch.save) is the starting point; its hash is
+    an input of the run (fingerprint and manifest); one of another size is refused naming a key."""
+    torch = pytest.importorskip("torch")
+    from dit.models import dit_config
+    from stages.common import sha256_file
+    from test_parity_diffusers import random_official_state_dict
+
+    def write(path, hidden):
+        cfg = dit_config(None, input_size=8, num_classes=10, depth=2, hidden_size=hidden, num_heads=2,
+                         patch_size=2)
+        sd = random_official_state_dict(cfg, seed=5)
+        torch.save({"ema": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+        return path
+
+    pt = write(tmp_path / "dit.pt", 32)
+    wd = fresh_copy(latents, tmp_path / "wd")
+    m, log = train(wd, ONE, "--set", f"train.init_from={pt}", "--set", "train.steps=2")
+    assert m["inputs_sha256"]["init_from"] == sha256_file(pt)
+    assert log[0]["loss"] != trained[1][0]["loss"]  # not the random init's first step
+    wide = write(tmp_path / "wide.pt", 64)
+    proc = run_stage("train", fresh_copy(latents, tmp_path / "wd2"), *TRAIN, "--set", f"train.init_from={wide}",
+                     env=ONE, check=False)
+    assert proc.returncode == 2 and "train.init_from" in proc.stderr and "x_embedder" in proc.stderr
