@@ -46,20 +46,30 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git + DVC repo holding a copy of the project with tiny params, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("e2e") / "repo"
+def copy_project(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
         ".venv", ".git", "artifacts", "__pycache__", ".pytest_cache", "cache", "tmp", "*.egg-info", "dvc.lock"))
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    (dst / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
+
+
+def git_commit_all(dst: Path, message: str) -> dict:
+    """git init + commit of the copy; returns the env every command in it runs with."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(dst), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     sh(["git", "init", "-q"], dst, env)
     sh(["git", "add", "-A"], dst, env)
-    sh(["git", "commit", "-qm", "tiny"], dst, env)
+    sh(["git", "commit", "-qm", message], dst, env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC repo holding a copy of the project with tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("e2e") / "repo"
+    copy_project(dst)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    (dst / "params.yaml").write_text(yaml.safe_dump(merge(params, TINY), sort_keys=False))
+    env = git_commit_all(dst, "tiny")
     out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
     return dst, env, out
 

@@ -3,9 +3,7 @@ a tiny random official-format checkpoint written with torch.save, a diffusers VA
 reference batch; the audit holds, and names the .pt file once it is edited."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
-from test_end_to_end import sh
+from test_end_to_end import copy_project, git_commit_all, sh
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -58,18 +55,12 @@ def released(tmp_path_factory):
     base = tmp_path_factory.mktemp("released")
     dst, ext = base / "repo", base / "files"
     ext.mkdir()
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "artifacts", "__pycache__", ".pytest_cache", "cache", "tmp", "*.egg-info", "dvc.lock"))
+    copy_project(dst)
     params = yaml.safe_load((dst / "released/params.yaml").read_text())
     for key, over in write_inputs(ext).items():
         params[key].update(over)
     (dst / "released/params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(dst), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh(["git", "init", "-q"], dst, env)
-    sh(["git", "add", "-A"], dst, env)
-    sh(["git", "commit", "-qm", "tiny released"], dst, env)
+    env = git_commit_all(dst, "tiny released")
     out = sh([sys.executable, "-m", "dvc", "repro", "released/dvc.yaml"], dst, env)
     return dst, ext, env, out
 

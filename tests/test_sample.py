@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_stage
-from test_encode import tiny_vae
+from test_train_sample import latents  # noqa: F401  (the module fixture)
 
 ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 SAMPLE = ["--set", "sample.num_samples=12", "--set", "sample.num_sampling_steps=4",
@@ -30,16 +30,10 @@ def devices(n):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("sample")
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy(ROOT / name, wd / name)
-    run_stage("data", wd, "--set", "data.limit=24", "--set", "data.image_size=16")
-    tiny_vae(wd / "artifacts/vae")
-    run_stage("encode", wd, "--set", "data.image_size=16", "--set", "encode.num_workers=1",
-              "--set", "encode.batch_size=8", "--set", "encode.shards=1")
-    run_stage("train", wd, *TINY, env=ONE)
-    return wd
+def trained(latents):
+    """The shared tiny data, VAE and latents (test_train_sample's fixture), trained a few steps."""
+    run_stage("train", latents, *TINY, env=ONE)
+    return latents
 
 
 def sample(wd, *extra, env=ONE, check=True):
