@@ -182,6 +182,29 @@ def modulate(x, shift, scale):
         return x * (1 + scale[:, None]) + shift[:, None]
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """nn.gelu(x, approximate=True), with a one-pass backward that keeps only x (recomputes tanh)."""
+    return nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_bwd(x, g):
+    x2 = x * x
+    th = jnp.tanh(_GELU_C * x * (1 + 0.044715 * x2))
+    dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x2)
+    return (g * dy.astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 def _plain_norm(name=None, dtype=None):
     return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name=name, dtype=dtype)
 
@@ -228,7 +251,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         x = nn.Dense(self.hidden_features, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
         with jax.named_scope("gelu"):
-            x = nn.gelu(x, approximate=True)
+            x = gelu_tanh(x)
         return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
 
 

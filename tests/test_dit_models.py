@@ -236,6 +236,7 @@ def test_attention_formulations_agree(with_extras):
     x, wqkv, bqkv, wp, bp = arr(b, t, c), arr(c, 3 * c) / 4, arr(3 * c), arr(c, c) / 4, arr(c)
     extra = dict(qkv_add=arr(b, 3 * c), bias=arr(h, t, t)) if with_extras else {}
 
+    @functools.partial(jax.jit, static_argnums=0)
     def run(impl):
         f = lambda x, wqkv, wp: jnp.sum(jnp.sin(self_attention(x, wqkv, bqkv, wp, bp, h, impl=impl, **extra)))
         out = self_attention(x, wqkv, bqkv, wp, bp, h, impl=impl, **extra)
@@ -245,3 +246,13 @@ def test_attention_formulations_agree(with_extras):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(ggot, gref):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+def test_gelu_custom_vjp_matches_autodiff():
+    from dit.models import gelu_tanh
+
+    x = jnp.linspace(-8.0, 8.0, 4001)
+    ref = lambda x: jnp.sum(jnp.cos(jax.nn.gelu(x, approximate=True)))
+    got = lambda x: jnp.sum(jnp.cos(gelu_tanh(x)))
+    np.testing.assert_array_equal(gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+    np.testing.assert_allclose(jax.grad(got)(x), jax.grad(ref)(x), rtol=1e-5, atol=1e-6)
