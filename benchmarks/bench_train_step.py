@@ -4,7 +4,10 @@ One step = forward + backward + AdamW update of DiT-S/2 on a batch of 32x32x4 la
 diffusion loss (MSE + VB, learned-range variance). Both sides use the same shapes, loss and optimizer
 settings (lr 1e-4, weight decay 0). Compile time of ours is reported apart from the steady state.
 
-    python benchmarks/bench_train_step.py [--batch 8] [--rounds 5] [--steps 3] [--model DiT-S/2] [--single-thread]
+    python benchmarks/bench_train_step.py [--rows S2,default] [--rounds 5] [--steps 3] [--single-thread] [--profile]
+
+Two rows: DiT-S/2 at batch 8 on 32x32x4 latents, and the embedded default's model (what `make repro`
+trains: depth 4, hidden 128, 4 heads, patch 2, 8x8x4 latents, batch 64, 10 classes, learn_sigma).
 
 The two sides are timed in alternating rounds (ours `steps` steps, then the peer's, `rounds` times)
 so that load from other processes on a shared machine hits both alike; the report gives each
@@ -13,10 +16,17 @@ side's median and best round in wall time and its median process CPU time per st
 thread): a steadier comparison of the work each side does when other jobs share the machine. (`--xla_cpu_use_thunk_runtime=false` is no longer supported by the
 XLA in jax 0.10 -- it only prints a warning -- so no XLA flags are set here.)
 
-The report ends with the GEMM floor: every matmul of the linear layers in one step (forward y = xW,
+--profile also breaks each side's step down by op class (attention core, layer norms, adaLN modulation,
+GELU, loss, AdamW, layout copies, ...): ours from XLA's own per-thunk trace (jax.profiler, the compiled
+HLO's op_name metadata, which carries the flax module path and jax.named_scope names), the peer's from
+torch.profiler's per-op self times.
+
+Each row ends with the GEMM floor: every matmul of the linear layers in one step (forward y = xW,
 backward dx = dy W^T and dW = x^T dy, for qkv, proj, fc1 and fc2 of every block), each timed on its own in
 XLA and in torch. These are ~97% of the step's flops, so "peer step / our GEMM floor" bounds the ratio
-ours could reach if everything else -- attention, norms, activations, AdamW -- cost nothing.
+ours could reach if everything else -- attention, norms, activations, AdamW -- cost nothing. Each side's
+"overhead factor" is its step time over its own GEMM floor: 1.0 would be a step that is nothing but its
+linear layers' matmuls, so comparing the two factors is fair on any CPU, whatever its GEMMs.
 """
 
 from __future__ import annotations
@@ -34,37 +44,61 @@ from machine import describe  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def setup_ours(model_name, batch, seed=0):
-    """Returns (compile seconds, run(n) -> seconds for n train steps)."""
+ROWS = {  # name -> (model name or field overrides, batch)
+    "S2": ("DiT-S/2", 8),
+    "default": (dict(input_size=8, depth=4, hidden_size=128, num_heads=4, patch_size=2, num_classes=10,
+                     learn_sigma=True), 64),
+}
+
+
+def row_config(spec):
+    from dit.models import dit_config
+
+    return dit_config(spec) if isinstance(spec, str) else dit_config(None, **spec)
+
+
+def row_label(spec, batch):
+    cfg = row_config(spec)
+    name = spec if isinstance(spec, str) else (f"embedded default (depth {cfg.depth}, hidden {cfg.hidden_size}, "
+                                               f"{cfg.num_heads} heads, patch {cfg.patch_size})")
+    return f"{name}, batch {batch}, {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents"
+
+
+def setup_ours(spec, batch, seed=0):
+    """Returns (compile seconds, run(n) -> seconds for n train steps, compiled HLO text)."""
     import jax
     import jax.numpy as jnp
     import optax
 
     from dit.diffusion import create_diffusion
-    from dit.models import DiT, dit_config, init_params
+    from dit.models import DiT, init_params
 
-    cfg = dit_config(model_name)
+    cfg = row_config(spec)
     model = DiT(cfg)
-    diffusion = create_diffusion("")
+    diffusion = create_diffusion("", learn_sigma=cfg.learn_sigma)
     opt = optax.adamw(1e-4, weight_decay=0.0)
     params = init_params(cfg, jax.random.key(seed))
     state = {"params": params, "opt": opt.init(params), "i": 0}
 
     def loss_fn(p, x, y, t, noise, key):
-        fn = lambda xt, tt: model.apply({"params": p}, xt, tt, y, train=True, rngs={"dropout": key})
-        return diffusion.training_losses(fn, x, t, noise)["loss"].mean()
+        def fn(xt, tt):
+            with jax.named_scope("model"):  # scopes only name HLO ops for --profile; no effect on the maths
+                return model.apply({"params": p}, xt, tt, y, train=True, rngs={"dropout": key})
+        with jax.named_scope("loss"):
+            return diffusion.training_losses(fn, x, t, noise)["loss"].mean()
 
     def step(p, s, x, y, key):
         k_t, k_n, k_d = jax.random.split(key, 3)
         t = jax.random.randint(k_t, (x.shape[0],), 0, diffusion.num_timesteps)
         noise = jax.random.normal(k_n, x.shape)
         loss, grads = jax.value_and_grad(loss_fn)(p, x, y, t, noise, k_d)
-        updates, s = opt.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
+        with jax.named_scope("adamw"):
+            updates, s = opt.update(grads, s, p)
+            return optax.apply_updates(p, updates), s, loss
 
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((batch, cfg.input_size, cfg.input_size, 4)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+    y = jnp.asarray(rng.integers(0, cfg.num_classes, batch), jnp.int32)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state["params"], state["opt"], x, y, key).compile()
@@ -79,23 +113,23 @@ def setup_ours(model_name, batch, seed=0):
         jax.block_until_ready(loss)
         return time.perf_counter() - t0, time.process_time() - c0
 
-    return compile_s, run
+    return compile_s, run, compiled.as_text()
 
 
-def setup_peer(model_name, batch, seed=0):
+def setup_peer(spec, batch, seed=0):
     """diffusers' DiTTransformer2DModel + torch AdamW + the same loss; returns run(n) -> seconds."""
     import torch
     from diffusers import DiTTransformer2DModel
 
     from dit.diffusion import create_diffusion
-    from dit.models import dit_config
 
     torch.manual_seed(seed)
-    cfg = dit_config(model_name)
+    cfg = row_config(spec)
     model = DiTTransformer2DModel(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=4, out_channels=8, num_layers=cfg.depth, sample_size=cfg.input_size,
-        patch_size=cfg.patch_size, num_embeds_ada_norm=1000, norm_eps=1e-6).train()
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
+        norm_eps=1e-6).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     d = create_diffusion("")
     tab = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)
@@ -111,7 +145,7 @@ def setup_peer(model_name, batch, seed=0):
         noise = torch.randn_like(x0)
         e = lambda a: a[t].view(n, 1, 1, 1)
         xt = e(sqrt_ac) * x0 + e(sqrt_1m) * noise
-        out = model(xt, t, torch.randint(0, 1000, (n,))).sample
+        out = model(xt, t, torch.randint(0, cfg.num_classes, (n,))).sample
         eps, v = out[:, :4], out[:, 4:]
         frac = (v + 1) / 2
         logvar = frac * e(logb) + (1 - frac) * e(plog)
@@ -122,15 +156,17 @@ def setup_peer(model_name, batch, seed=0):
         vb = kl.mean(dim=(1, 2, 3)) / math.log(2.0)  # (the t == 0 decoder NLL is left out: same cost class)
         return (((noise - eps) ** 2).mean(dim=(1, 2, 3)) + vb).mean()
 
-    x = torch.randn(batch, 4, cfg.input_size, cfg.input_size)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
 
     def run(n):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(x)
+            with torch.profiler.record_function("loss+model"):
+                loss = loss_fn(x)
             loss.backward()
-            opt.step()
+            with torch.profiler.record_function("adamw"):
+                opt.step()
         return time.perf_counter() - t0, time.process_time() - c0
 
     return run, torch.get_num_threads()
@@ -145,14 +181,12 @@ def block_gemms(cfg, batch):
     return shapes
 
 
-def gemm_floor(model_name, batch, repeats=5):
+def gemm_floor(spec, batch, repeats=5):
     """Seconds per step that the linear layers' matmuls alone take: (ours in XLA, peer in torch)."""
     import jax
     import torch
 
-    from dit.models import dit_config
-
-    cfg = dit_config(model_name)
+    cfg = row_config(spec)
     rng = np.random.default_rng(0)
     mm = jax.jit(lambda a, b: a @ b)
     total = {"ours": 0.0, "peer": 0.0}
@@ -170,49 +204,199 @@ def gemm_floor(model_name, batch, repeats=5):
     return total["ours"], total["peer"]
 
 
+# -- op-class profile (--profile) -----------------------------------------------------------------
+
+CLASSES = ("GEMM (block linears)", "small linears (adaLN, embedders, final)", "attention core", "layer norms",
+           "adaLN modulate + gates", "GELU", "loss", "AdamW", "layout copies", "other")
+
+
+def _hlo_index(hlo_text):
+    """instruction name -> (opcode, op_name metadata, whether it is or calls a dot)."""
+    import re
+
+    has_dot = {}
+    for comp in re.split(r"\n(?=\S)", hlo_text):
+        m = re.match(r"%?([\w.\-]+) ", comp)
+        if m:
+            has_dot[m.group(1)] = bool(re.search(r" dot\(", comp))
+    index = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((.*)$", hlo_text, re.M):
+        name, opcode, rest = m.groups()
+        op = re.search(r'op_name="([^"]*)"', rest)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        index[name] = (opcode, op.group(1) if op else "",
+                       opcode == "dot" or bool(calls and has_dot.get(calls.group(1))))
+    return index
+
+
+def classify_ours(opcode, op_name, is_dot):
+    import re
+
+    if "adamw" in op_name:
+        return "AdamW"
+    if "attention_core" in op_name:
+        return "attention core"
+    if "LayerNorm" in op_name or "layer_norm" in op_name:
+        return "layer norms"
+    if "modulate" in op_name:
+        return "adaLN modulate + gates"
+    if "gelu" in op_name:
+        return "GELU"
+    if is_dot and re.search(r"blocks_\d+/(attn/(qkv|proj)|mlp/fc[12])", op_name):
+        return "GEMM (block linears)"
+    if is_dot:
+        return "small linears (adaLN, embedders, final)"
+    if opcode in ("copy", "transpose"):
+        return "layout copies"
+    if "/model/" not in op_name and "loss" in op_name:
+        return "loss"
+    return "other"
+
+
+def profile_ours(run, hlo_text, steps):
+    """ms per step by op class: XLA's per-thunk trace, summed over the executor's threads."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+
+    index = _hlo_index(hlo_text)
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            run(steps)
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2  # the xplane proto ships with tensorflow
+
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    total = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                name = plane.event_metadata[ev.metadata_id].name
+                if name in index:  # one HLO thunk
+                    total[classify_ours(*index[name])] += ev.duration_ps / 1e9 / steps
+    return total
+
+
+def classify_peer(name):
+    n = name.lower()
+    if "scaled_dot_product" in n or "flash_attention" in n or "attention" in n:
+        return "attention core"
+    if "layer_norm" in n:
+        return "layer norms"
+    if "gelu" in n:
+        return "GELU"
+    if n in ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"):
+        return "GEMM (all linears)"
+    if n in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::permute", "aten::transpose", "aten::t",
+             "aten::_unsafe_view", "aten::view", "aten::reshape", "aten::as_strided", "aten::expand",
+             "aten::chunk", "aten::split", "aten::slice", "aten::select", "aten::unsqueeze", "aten::cat"):
+        return "layout copies"
+    return "elementwise + other (modulate, gates, residuals, loss, embedders)"
+
+
+def profile_peer(run, steps):
+    """ms per step by op class: torch.profiler self CPU time per aten op (the calling thread)."""
+    import collections
+
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(steps)
+    total = collections.Counter()
+    adam = 0.0
+    for e in prof.key_averages():
+        if e.key == "adamw":
+            adam = e.cpu_time_total / 1e3 / steps
+        if e.key in ("adamw", "loss+model") or e.key.startswith(("autograd::", "Optimizer.", "ProfilerStep")):
+            continue
+        total[classify_peer(e.key)] += e.self_cpu_time_total / 1e3 / steps
+    # AdamW's foreach kernels are ordinary aten ops: move its whole region into its own class.
+    total["elementwise + other (modulate, gates, residuals, loss, embedders)"] -= adam
+    total["AdamW"] = adam
+    return total
+
+
+def print_profile(ours, peer):
+    print("op-class profile, ms per step (ours: XLA thunk time summed over threads; "
+          "peer: torch.profiler self CPU time):")
+    keys = [k for k in CLASSES if k in ours] + [k for k in ours if k not in CLASSES]
+    print(f"    {'ours':44s} {'ms':>8s}   {'peer':52s} {'ms':>8s}")
+    peer_items = sorted(peer.items(), key=lambda kv: -kv[1])
+    ours_items = [(k, ours[k]) for k in keys]
+    for i in range(max(len(ours_items), len(peer_items))):
+        a = ours_items[i] if i < len(ours_items) else ("", None)
+        b = peer_items[i] if i < len(peer_items) else ("", None)
+        fa = f"{a[1]:8.1f}" if a[1] is not None else " " * 8
+        fb = f"{b[1]:8.1f}" if b[1] is not None else ""
+        print(f"    {a[0]:44s} {fa}   {b[0]:52s} {fb}")
+    print(f"    {'total':44s} {sum(ours.values()):8.1f}   {'total':52s} {sum(peer.values()):8.1f}")
+
+
+def bench_row(spec, batch, rounds, steps, profile=False):
+    cfg = row_config(spec)
+    print(f"\n== {row_label(spec, batch)}; fwd+bwd+AdamW; {rounds} rounds x {steps} steps per side", flush=True)
+    compile_s, ours, hlo = setup_ours(spec, batch)
+    peer, threads = setup_peer(spec, batch)
+    ours(1), peer(1)  # warm-up
+    rounds_ = {"ours": [], "peer": []}
+    for _ in range(rounds):
+        for name, run in (("ours", ours), ("peer", peer)):
+            wall, cpu = run(steps)
+            rounds_[name].append((wall / steps, cpu / steps))
+    med = lambda v: float(np.median(v))
+    stats = {}
+    for name, label in (("ours", f"ours (JAX/Flax, jit; compile {compile_s:.1f} s)"),
+                        ("peer", f"peer (diffusers DiTTransformer2DModel, PyTorch, {threads} threads)")):
+        wall = [w for w, _ in rounds_[name]]
+        cpu = [c for _, c in rounds_[name]]
+        stats[name] = (med(wall), min(wall), med(cpu))
+        print(f"{label}:\n    wall: median {batch / med(wall):.2f} img/s ({1000 * med(wall):.1f} ms/step), "
+              f"best {batch / min(wall):.2f} img/s; CPU time {1000 * med(cpu):.1f} ms/step")
+    (ow, ob, oc), (pw, pb, pc) = stats["ours"], stats["peer"]
+    per_round = ", ".join(f"{p[0] / o[0]:.2f}" for o, p in zip(rounds_["ours"], rounds_["peer"]))
+    print(f"ratio ours/peer (img/s): wall median {pw / ow:.2f}x, wall best {pb / ob:.2f}x, "
+          f"CPU time {pc / oc:.2f}x; per round (wall) {per_round}")
+    floor_ours, floor_peer = gemm_floor(spec, batch)
+    print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone): ours {1000 * floor_ours:.1f} ms "
+          f"({100 * floor_ours / ow:.0f}% of our step), peer {1000 * floor_peer:.1f} ms ({100 * floor_peer / pw:.0f}% "
+          f"of its step); the highest ratio ours could reach with everything else free: {pw / floor_ours:.2f}x")
+    fo, fp = ow / floor_ours, pw / floor_peer
+    print(f"overhead factor (median step / own GEMM floor; 1.0 = nothing but the linears' matmuls): "
+          f"ours {fo:.2f}, peer {fp:.2f}; ours/peer {fo / fp:.2f} (best-round steps: ours {ob / floor_ours:.2f}, "
+          f"peer {pb / floor_peer:.2f})")
+    if profile:
+        print_profile(profile_ours(ours, hlo, steps), profile_peer(peer, steps))
+    return {"ours_ms": 1000 * ow, "peer_ms": 1000 * pw, "ratio": pw / ow, "overhead_ours": fo, "overhead_peer": fp}
+
+
 def main(argv=None):
     print(describe(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="DiT-S/2")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rows", default="S2,default", help=f"comma-separated, from {sorted(ROWS)}")
+    ap.add_argument("--model", default=None, help="replace the S2 row's model by this named config")
+    ap.add_argument("--batch", type=int, default=None, help="replace the S2 row's batch")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="steps per round and side")
+    ap.add_argument("--steps", type=int, default=3, help="steps per round and side (x10 on the default row)")
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
+    ap.add_argument("--profile", action="store_true", help="also print the op-class profile of both sides")
     args = ap.parse_args(argv)
     if args.single_thread:  # before jax and torch are imported (they are imported lazily below)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
         import torch
 
         torch.set_num_threads(1)
-    print(f"{args.model}, batch {args.batch}, 32x32x4 latents, fwd+bwd+AdamW; {args.rounds} rounds x "
-          f"{args.steps} steps per side; {os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}")
-    compile_s, ours = setup_ours(args.model, args.batch)
-    peer, threads = setup_peer(args.model, args.batch)
-    ours(1), peer(1)  # warm-up
-    rounds = {"ours": [], "peer": []}
-    for _ in range(args.rounds):
-        for name, run in (("ours", ours), ("peer", peer)):
-            wall, cpu = run(args.steps)
-            rounds[name].append((wall / args.steps, cpu / args.steps))
-    med = lambda v: float(np.median(v))
-    stats = {}
-    for name, label in (("ours", f"ours (JAX/Flax, jit; compile {compile_s:.1f} s)"),
-                        ("peer", f"peer (diffusers DiTTransformer2DModel, PyTorch, {threads} threads)")):
-        wall = [w for w, _ in rounds[name]]
-        cpu = [c for _, c in rounds[name]]
-        stats[name] = (med(wall), min(wall), med(cpu))
-        print(f"{label}:\n    wall: median {args.batch / med(wall):.2f} img/s ({1000 * med(wall):.0f} ms/step), "
-              f"best {args.batch / min(wall):.2f} img/s; CPU time {1000 * med(cpu):.0f} ms/step")
-    (ow, ob, oc), (pw, pb, pc) = stats["ours"], stats["peer"]
-    per_round = ", ".join(f"{p[0] / o[0]:.2f}" for o, p in zip(rounds["ours"], rounds["peer"]))
-    print(f"ratio ours/peer (img/s): wall median {pw / ow:.2f}x, wall best {pb / ob:.2f}x, "
-          f"CPU time {pc / oc:.2f}x; per round (wall) {per_round}")
+    print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
+          f"both sides timed in alternating rounds", flush=True)
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "
           "is the steadier measure of the work each side does)")
-    floor_ours, floor_peer = gemm_floor(args.model, args.batch)
-    print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone): ours {1000 * floor_ours:.0f} ms "
-          f"({100 * floor_ours / ow:.0f}% of our step), peer {1000 * floor_peer:.0f} ms ({100 * floor_peer / pw:.0f}% "
-          f"of its step); the highest ratio ours could reach with everything else free: {pw / floor_ours:.2f}x")
+    for row in args.rows.split(","):
+        spec, batch = ROWS[row]
+        if row == "S2":
+            spec, batch = args.model or spec, args.batch or batch
+        bench_row(spec, batch, args.rounds, args.steps * (10 if row == "default" else 1), args.profile)
 
 
 if __name__ == "__main__":

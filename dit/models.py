@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit.attention import self_attention
+
 BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context", "tmsa")
 DTYPES = ("float32", "bfloat16", "float16")
 FREQ_DIM = 256  # size of the sinusoidal timestep features fed to the timestep MLP
@@ -176,7 +178,31 @@ patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    with jax.named_scope("modulate"):  # named scopes only label HLO ops for the profile
+        return x * (1 + scale[:, None]) + shift[:, None]
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """nn.gelu(x, approximate=True), with a one-pass backward that keeps only x (recomputes tanh)."""
+    return nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_bwd(x, g):
+    x2 = x * x
+    th = jnp.tanh(_GELU_C * x * (1 + 0.044715 * x2))
+    dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x2)
+    return (g * dy.astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def _plain_norm(name=None, dtype=None):
@@ -224,32 +250,45 @@ class Mlp(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         x = nn.Dense(self.hidden_features, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x, approximate=True)
+        with jax.named_scope("gelu"):
+            x = gelu_tanh(x)
         return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
+
+
+class DenseParams(nn.Module):
+    """An nn.Dense's parameters (same names, shapes, init) without its matmul, for layers whose
+    matmul is written elsewhere (dit/attention.py): checkpoints and converters see a plain Dense."""
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int, dtype):
+        kernel = self.param("kernel", xavier, (in_features, self.features))
+        bias = self.param("bias", zeros, (self.features,)) if self.use_bias else None
+        return kernel.astype(dtype), None if bias is None else bias.astype(dtype)
 
 
 class Attention(nn.Module):
     """timm-style self-attention with a fused qkv projection (q|k|v, each head-major).
 
     `cond` (N, D), if given, is DiffiT's time token: its projection is added to every token's
-    q, k and v. `bias` (heads, T, T), if given, is added to the attention logits.
+    q, k and v. `bias` (heads, T, T), if given, is added to the attention logits. The maths lives in
+    dit/attention.py, which picks the formulation per backend.
     """
     num_heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, cond=None, bias=None):
-        n, t, d = x.shape
-        qkv = nn.Dense(3 * d, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)
+        d = x.shape[-1]
+        x = x.astype(self.dtype)
+        qkv_k, qkv_b = DenseParams(3 * d, name="qkv")(d, self.dtype)
+        qkv_add = None
         if cond is not None:
-            qkv = qkv + nn.Dense(3 * d, use_bias=False, kernel_init=xavier, dtype=self.dtype,
-                                 name="qkv_time")(cond)[:, None]
-        # (N, T, 3, H, hd) is already the layout dot_product_attention wants: no transposes.
-        qkv = qkv.reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        if bias is not None:
-            bias = bias[None].astype(qkv.dtype)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias=bias)
-        return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(n, t, d))
+            qkv_add = nn.Dense(3 * d, use_bias=False, kernel_init=xavier, dtype=self.dtype,
+                               name="qkv_time")(cond)
+        proj_k, proj_b = DenseParams(d, name="proj")(d, self.dtype)
+        return self_attention(x, qkv_k, qkv_b, proj_k, proj_b, self.num_heads, qkv_add=qkv_add, bias=bias)
 
 
 class CrossAttention(nn.Module):

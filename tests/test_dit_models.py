@@ -220,3 +220,39 @@ def test_tmsa_attention_matches_formula():
     # relative index: equal displacements share an entry, the diagonal is the centre of the table
     assert idx.shape == (9, 9) and set(np.diag(idx)) == {(2 * g - 1) * (g - 1) + g - 1}
     assert idx[0, 4] == idx[4, 8]  # (0,0)->(1,1) and (1,1)->(2,2)
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_attention_formulations_agree(with_extras):
+    """The per-backend choice (dit/attention.py) gives the reference outputs and gradients on CPU:
+    the heads-major formulation vs jax.nn.dot_product_attention, with and without the time token
+    and the logit bias (tmsa)."""
+    from dit.attention import attention_impl, self_attention
+
+    assert attention_impl("cpu") == "heads" and attention_impl("gpu") == "fused" and attention_impl("tpu") == "fused"
+    rng = np.random.default_rng(0)
+    b, t, c, h = 2, 16, 32, 4
+    arr = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    x, wqkv, bqkv, wp, bp = arr(b, t, c), arr(c, 3 * c) / 4, arr(3 * c), arr(c, c) / 4, arr(c)
+    extra = dict(qkv_add=arr(b, 3 * c), bias=arr(h, t, t)) if with_extras else {}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(impl):
+        f = lambda x, wqkv, wp: jnp.sum(jnp.sin(self_attention(x, wqkv, bqkv, wp, bp, h, impl=impl, **extra)))
+        out = self_attention(x, wqkv, bqkv, wp, bp, h, impl=impl, **extra)
+        return out, jax.grad(f, argnums=(0, 1, 2))(x, wqkv, wp)
+
+    (ref, gref), (got, ggot) = run("fused"), run("heads")
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(ggot, gref):
+        np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+def test_gelu_custom_vjp_matches_autodiff():
+    from dit.models import gelu_tanh
+
+    x = jnp.linspace(-8.0, 8.0, 4001)
+    ref = lambda x: jnp.sum(jnp.cos(jax.nn.gelu(x, approximate=True)))
+    got = lambda x: jnp.sum(jnp.cos(gelu_tanh(x)))
+    np.testing.assert_array_equal(gelu_tanh(x), jax.nn.gelu(x, approximate=True))
+    np.testing.assert_allclose(jax.grad(got)(x), jax.grad(ref)(x), rtol=1e-5, atol=1e-6)

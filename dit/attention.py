@@ -1,0 +1,87 @@
+"""Multi-head self-attention (projections + core), with the formulation chosen per backend HERE only.
+
+Two formulations of the same maths (timm's Attention: a fused qkv linear, q|k|v each head-major, scaled
+dot-product attention with a float32 softmax, an output linear):
+
+  "fused"  x @ Wqkv -> (B, T, 3, H, D) -> jax.nn.dot_product_attention -> @ Wproj. What GPU/TPU backends
+           fuse (cuDNN flash attention on GPU; XLA's own fusions on TPU): kept there unchanged.
+  "heads"  the qkv projection lands straight in (3, B, H, T, D) by an einsum with the kernel viewed as
+           (C, 3, H, D), the core is two batched (B, H) matmuls around a float32 softmax, and the output
+           projection contracts (H, D) directly with the kernel viewed as (H, D, C). No q/k/v transposes
+           and no head split / merge copies in the forward or the backward pass: what XLA:CPU runs best
+           (measured in benchmarks/bench_train_step.py --profile).
+
+`attention_impl()` is the one place that picks: "heads" on CPU, "fused" elsewhere; DIT_ATTENTION=fused|heads
+overrides it (for tests and benchmarks). Parameters are passed in, so both read the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("fused", "heads")
+
+
+def attention_impl(backend: str | None = None) -> str:
+    forced = os.environ.get("DIT_ATTENTION", "")
+    if forced:
+        if forced not in IMPLS:
+            raise ValueError(f"DIT_ATTENTION={forced!r}: choose one of {IMPLS}")
+        return forced
+    return "heads" if (backend or jax.default_backend()) == "cpu" else "fused"
+
+
+def attention_core(q, k, v, bias=None):
+    """Heads-major core: q, k, v (B, H, T, D), bias (H, T, T) or None -> (B, H, T, D).
+    Logits and softmax in float32 (as jax.nn.dot_product_attention does)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", w, v)
+
+
+def self_attention(x, qkv_kernel, qkv_bias, proj_kernel, proj_bias, num_heads, qkv_add=None, bias=None,
+                   impl: str | None = None):
+    """x (B, T, C) -> (B, T, C).
+
+    qkv_kernel (C, 3C), qkv_bias (3C,) or None, proj_kernel (C, C), proj_bias (C,): a timm Attention's
+    weights (already in the compute dtype). qkv_add (B, 3C) or None is added to every token's qkv (DiffiT's
+    time token); bias (H, T, T) or None is added to the attention logits.
+    """
+    impl = impl or attention_impl()
+    b, t, c = x.shape
+    h, d = num_heads, c // num_heads
+    # (named scopes only label the HLO ops, for benchmarks/bench_train_step.py --profile)
+    if impl == "fused":
+        with jax.named_scope("qkv"):
+            qkv = x @ qkv_kernel
+            if qkv_bias is not None:
+                qkv = qkv + qkv_bias
+            if qkv_add is not None:
+                qkv = qkv + qkv_add[:, None]
+        with jax.named_scope("attention_core"):
+            qkv = qkv.reshape(b, t, 3, h, d)  # already dot_product_attention's layout
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                               bias=None if bias is None else bias[None].astype(qkv.dtype))
+        with jax.named_scope("proj"):
+            return out.reshape(b, t, c) @ proj_kernel + proj_bias
+    if impl != "heads":
+        raise ValueError(f"attention impl {impl!r}: choose one of {IMPLS}")
+    with jax.named_scope("qkv"):
+        qkv = jnp.einsum("btc,cshd->sbhtd", x, qkv_kernel.reshape(c, 3, h, d))
+        add = 0.0
+        if qkv_bias is not None:
+            add = qkv_bias.reshape(3, 1, h, 1, d)
+        if qkv_add is not None:
+            add = add + qkv_add.reshape(b, 3, h, d).transpose(1, 0, 2, 3)[:, :, :, None]
+        qkv = qkv + add
+    with jax.named_scope("attention_core"):
+        out = attention_core(qkv[0], qkv[1], qkv[2], bias)
+    with jax.named_scope("proj"):
+        return jnp.einsum("bhtd,hdc->btc", out, proj_kernel.reshape(h, d, c)) + proj_bias
