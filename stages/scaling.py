@@ -222,7 +222,8 @@ def _yardstick_lines(ax, rows: list[dict]) -> None:
                        label=label + ("" if len(vals) == 1 else f" (min of {len(vals)})"))
 
 
-def plot_fid_vs(rows: list[dict], x: str, xlabel: str, path: Path, title: str, connect: bool) -> None:
+def plot_fid_vs(rows: list[dict], x: str, xlabel: str, path: Path, title: str, connect: bool,
+                fit: dict | None = None) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     by_config: dict[str, list[dict]] = {}
@@ -236,6 +237,11 @@ def plot_fid_vs(rows: list[dict], x: str, xlabel: str, path: Path, title: str, c
             for r in pts:
                 ax.annotate(r["name"], (r[x], r["fid"]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
+    if fit and fit["slope"] is not None:
+        xs = sorted(r[x] for r in rows if r.get(x) and r["fid"])
+        xs = np.array([xs[0], xs[-1]])
+        ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k-", linewidth=0.8,
+                label=f"fit: FID ~ Gflops^{fit['slope']}")
     _yardstick_lines(ax, rows)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -303,7 +309,7 @@ def report(rows: list[dict], out: Path) -> tuple[dict, list[dict]]:
         if fit:
             title += f": slope {fit['slope']}, Spearman {fit['spearman']} (n={fit['n']})"
         plot_fid_vs(ok, "gflops", "model Gflops per forward pass (log)", out / "fid_vs_gflops.png", title,
-                    connect=False)
+                    connect=False, fit=fit)
         plot_fid_vs(ok, "steps", "training steps (log)", out / "fid_vs_steps.png",
                     "FID vs training steps, one line per config", connect=True)
         plot_fid_vs(ok, "train_compute", "training compute, Gflops (Gflops x 3 x batch x steps; log)",
