@@ -149,8 +149,8 @@ def make_row(name: str, info: dict | None) -> dict:
         "precision": _num(m.get("precision")),
         "recall": _num(m.get("recall")),
         "is": _num(m.get("inception_score")),
-        "rfid": _num((yard.get("rfid") or {}).get("fid")),
-        "fid_floor": _num((yard.get("floor") or {}).get("fid")),
+        "rfid": _num(m.get("rfid", (yard.get("rfid") or {}).get("fid"))),
+        "fid_floor": _num(m.get("fid_floor", (yard.get("floor") or {}).get("fid"))),
         "reference_sha256": prov.get("reference_sha256"),
         "inception_sha256": (prov.get("inception") or {}).get("weights_sha256"),
     })

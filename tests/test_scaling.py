@@ -52,6 +52,20 @@ def test_report_refuses_fid_figures_across_reference_batches(tmp_path, monkeypat
     assert not (tmp_path / "fid_vs_gflops.png").exists()  # no stale, incomparable figure left behind
 
 
+def test_yardsticks_without_upstream_is_one_line(workdir):
+    from conftest import run_stage
+
+    proc = run_stage("yardsticks", workdir, check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "artifacts/" in proc.stderr
+
+
+def test_yardstick_images_are_evenly_spaced_and_capped():
+    from stages.yardsticks import pick
+
+    assert pick(10, 3).tolist() == [0, 4, 9] and pick(5, 500).tolist() == [0, 1, 2, 3, 4]
+
+
 # ------------------------------------------------------------------------------- the smoke sweep, slow
 
 TINY = {
@@ -104,7 +118,7 @@ def swept(tmp_path_factory):
 def test_smoke_sweep_runs_both_experiments_sharing_the_upstream_stages(swept):
     dst, env, out = swept
     assert "sweep: smoke-d1-p4 ok" in out and "sweep: smoke-d2-p2 ok" in out, out[-4000:]
-    for stage in ("data", "vae", "encode", "reference"):  # computed once, then from DVC's run cache
+    for stage in ("data", "vae", "encode", "reference", "yardsticks"):  # computed once, then from DVC's run cache
         assert len(re.findall(rf"Running stage '{stage}'", out)) == 1, (stage, out[-4000:])
     assert len(re.findall(r"Running stage 'train'", out)) == 2
     assert sh(["git", "status", "--porcelain"], dst, env) == ""  # --temp: the workspace is left as it was
@@ -130,6 +144,8 @@ def test_smoke_sweep_report_has_both_rows_with_dit_flops_gflops(swept):
         assert r["params"] == count_params(config) and r["steps"] == 4
         assert r["train_compute"] == pytest.approx(r["gflops"] * 3 * 8 * 4, rel=1e-9)
         assert r["fid"] > 0 and r["reference_sha256"] and r["inception_sha256"]
+        assert 0 < r["fid_floor"] and 0 < r["rfid"]  # the yardsticks, shared by both experiments
+    assert rows["smoke-d1-p4"]["rfid"] == rows["smoke-d2-p2"]["rfid"]
     assert doc["figures"] == ["fid_vs_compute.png", "fid_vs_gflops.png", "fid_vs_steps.png",
                               "samples_grid.png"]
     assert doc["grid"] == {"experiments": ["smoke-d1-p4", "smoke-d2-p2"], "skipped": []}
