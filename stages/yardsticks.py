@@ -117,12 +117,14 @@ def main(argv: list[str]) -> None:
             path = Path(tmp) / f"{name}.npz"
             write_atomic(path, {"arr_0": images})
             try:
-                results[name] = evaluate(str(reference), str(path), inception, batch_size=ev["batch_size"])
+                # eigh: the same FID as ADM's sqrtm to ~1e-11 relative, 6x faster on 2048x2048 (four of them)
+                results[name] = evaluate(str(reference), str(path), inception, batch_size=ev["batch_size"],
+                                         fid_method="eigh")
             except ValueError as e:
                 fail(str(e))
     mse = float(np.mean(((reals.astype(np.float64) - recons) / 255.0) ** 2))
     doc = {"num_images": int(len(reals)), "floor": results["floor"], "rfid": results["rfid"],
-           "recon_psnr_db": round(float(10 * np.log10(1.0 / max(mse, 1e-12))), 4), **held_out,
+           "fid_method": "eigh", "recon_psnr_db": round(float(10 * np.log10(1.0 / max(mse, 1e-12))), 4), **held_out,
            "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256},
            "reference_sha256": manifest.inputs["reference"]}
     with atomic_dir(OUT) as tmp:
