@@ -12,7 +12,8 @@ run cache instead of rerun: the whole sweep computes them once.
 An experiment that already finished (its metrics in its commit) is not run again, so a stopped sweep
 continues where it stopped; `--force` reruns everything. `--queue` only queues the experiments
 (`dvc exp run --queue`); start them with `dvc queue start -j 1` and, once `dvc queue status` shows them
-done, draw the report with `python -m stages.scaling --sweep NAME`. `--dry-run` prints the commands.
+done, draw the report with `python -m stages.scaling --sweep NAME`. The report goes to `artifacts/scaling/` for
+the `scaling` sweep and to `artifacts/scaling-<name>/` for another. `--dry-run` prints the commands.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def load_sweep(name: str) -> dict:
             fail(f"{path}: configs.{exp} must map params to values")
     return {"path": str(path), "description": doc.get("description", ""), "set": common,
             "configs": {k: {**common, **v} for k, v in configs.items()}}
+
+
+def report_dir(sweep: str) -> Path:
+    """artifacts/scaling for the `scaling` sweep, artifacts/scaling-<name> for another (blocks, ...)."""
+    stem = Path(sweep).stem
+    return Path("artifacts/scaling" if stem == "scaling" else f"artifacts/scaling-{stem}")
 
 
 def _value(v) -> str:
@@ -119,7 +126,8 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         return 0
     if args.queue:
-        print(f"queued; run them with: dvc queue start -j 1   then: python -m stages.scaling --sweep {args.sweep}")
+        print(f"queued; run them with: dvc queue start -j 1   then: python -m stages.scaling --sweep "
+              f"{args.sweep} --out {report_dir(args.sweep)}")
         return 0
     print(f"sweep {args.sweep}: {time.time() - t_sweep:.0f} s, {len(failed)} failed"
           + (f" ({', '.join(failed)})" if failed else ""), flush=True)
@@ -127,7 +135,7 @@ def main(argv: list[str]) -> int:
     if not args.no_report:
         from stages.scaling import main as report
 
-        rc = report(["--sweep", args.sweep])
+        rc = report(["--sweep", args.sweep, "--out", str(report_dir(args.sweep))])
     return 1 if failed else rc
 
 

@@ -132,7 +132,7 @@ def test_smoke_sweep_report_has_both_rows_with_dit_flops_gflops(swept):
     from dit.models import dit_config
 
     dst, _, out = swept
-    doc = json.loads((dst / "artifacts/scaling/scaling.json").read_text())
+    doc = json.loads((dst / "artifacts/scaling-smoke/scaling.json").read_text())
     rows = {r["name"]: r for r in doc["experiments"]}
     assert sorted(rows) == ["smoke-d1-p4", "smoke-d2-p2"] and not doc["missing"]
     for name, depth, patch in (("smoke-d1-p4", 1, 4), ("smoke-d2-p2", 2, 2)):
@@ -150,16 +150,16 @@ def test_smoke_sweep_report_has_both_rows_with_dit_flops_gflops(swept):
                               "samples_grid.png"]
     assert doc["grid"] == {"experiments": ["smoke-d1-p4", "smoke-d2-p2"], "skipped": []}
     for f in doc["figures"]:
-        assert (dst / "artifacts/scaling" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (dst / "artifacts/scaling-smoke" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Spearman" in out
 
 
 @pytest.mark.slow
 def test_second_report_changes_nothing_and_lists_a_missing_experiment(swept):
     dst, env, _ = swept
-    folder = dst / "artifacts/scaling"
+    folder = dst / "artifacts/scaling-smoke"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    sh([sys.executable, "-m", "stages.scaling", "--sweep", "smoke"], dst, env)
+    sh([sys.executable, "-m", "stages.scaling", "--sweep", "smoke", "--out", "artifacts/scaling-smoke"], dst, env)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
     out = sh([sys.executable, "-m", "stages.scaling", "--exps", "smoke-d1-p4", "smoke-d2-p2", "smoke-never",
