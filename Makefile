@@ -1,11 +1,12 @@
 # Two commands: `make repro` runs the whole pipeline on the embedded default; `make test` runs the tests.
+# `make scaling` runs the `scaling` sweep (sweeps/scaling.yaml) as DVC experiments, then the report.
 # Both create .venv and install everything first (CPU torch from the pinned build, then the project).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test install clean
+.PHONY: repro test install clean scaling
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +25,13 @@ repro: $(STAMP)
 	@echo "metrics:     artifacts/eval/metrics.json"
 	@$(BIN)/python -c "import json; m = json.load(open('artifacts/eval/metrics.json')); print('             ' + ', '.join(f'{k}={v}' for k, v in m['metrics'].items()))"
 	@echo "sample grid: artifacts/samples/grid.png"
+
+# SWEEP=blocks for the block designs; ARGS="-S train.steps=1000" to add overrides to every experiment
+SWEEP ?= scaling
+scaling: $(STAMP)
+	test -d .dvc || (echo "error: .dvc/ missing; this must be a git checkout of the project" >&2; exit 2)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m stages.sweep $(SWEEP) $(ARGS)
+	@echo "report:      artifacts/scaling/scaling.json and artifacts/scaling/*.png"
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra

@@ -12,6 +12,7 @@ from stages.common import (Manifest, code_version, fail, load_params, main_guard
                            sha256_file, write_json)
 
 SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")
+YARDSTICKS = Path("artifacts/yardsticks/yardsticks.json")  # absent in pipelines without that stage
 UPSTREAM = ("data", "vae", "encode", "train", "pretrained", "sample", "reference")
 
 
@@ -58,9 +59,22 @@ def main(argv: list[str]) -> None:
         "dvc_lock": dvc_lock_hashes(),
         "code": code_version(),
     }
+    doc = {"metrics": metrics, "cost": sample_manifest.get("cost"), "provenance": provenance}
+    if YARDSTICKS.is_file():
+        import json
+
+        yard = json.loads(YARDSTICKS.read_text())
+        if (yard.get("reference_sha256") != provenance["reference_sha256"]
+                or yard.get("inception") != provenance["inception"]):
+            fail(f"{YARDSTICKS}: made with another reference batch or Inception network than these "
+                 "samples' FID; rerun the yardsticks stage (dvc repro yardsticks)")
+        # next to fid, so `dvc exp show` has them as columns: what reals score (the floor) and what the
+        # VAE alone scores (rFID), on the same number of images
+        metrics.update(fid_floor=yard["floor"]["fid"], rfid=yard["rfid"]["fid"])
+        doc["yardsticks"] = yard
+        manifest.add_input("yardsticks", YARDSTICKS)
     OUT.mkdir(parents=True, exist_ok=True)
-    write_json(OUT / "metrics.json", {"metrics": metrics, "cost": sample_manifest.get("cost"),
-                                      "provenance": provenance})
+    write_json(OUT / "metrics.json", doc)
     manifest.counts = {"samples": provenance["num_samples"]}
     manifest.extra["eval_s"] = round(time.time() - t0, 3)
     manifest.write(OUT)

@@ -26,7 +26,7 @@ TINY = {
     "reference": {"max_images": 25},
     "evaluate": {"batch_size": 20},
 }
-STAGES = ["data", "vae", "encode", "train", "sample", "reference", "evaluate"]
+STAGES = ["data", "vae", "encode", "train", "sample", "reference", "yardsticks", "evaluate"]
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -80,7 +80,7 @@ def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
     a = dst / "artifacts"
     for stage, folder in [("data", "data"), ("vae", "vae"), ("encode", "latents"),
                           ("train", "checkpoints"), ("sample", "samples"), ("reference", "reference"),
-                          ("evaluate", "eval")]:
+                          ("yardsticks", "yardsticks"), ("evaluate", "eval")]:
         m = json.loads((a / folder / "manifest.json").read_text())
         assert m["stage"] == stage and m["code"]["git_commit"], stage
         c = m["counts"]
@@ -100,6 +100,10 @@ def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
         assert r["arr_0"].shape == (25, 32, 32, 3) and r["mu"].shape == (2048,)
     metrics = json.loads((a / "eval/metrics.json").read_text())
     assert np.isfinite(metrics["metrics"]["fid"]) and metrics["metrics"]["fid"] > 0
+    # the yardsticks beside it, on as many real images as samples: the floor is below the VAE's rFID
+    m, yard = metrics["metrics"], metrics["yardsticks"]
+    assert yard["num_images"] == 20 and yard["held_out"] is False
+    assert 0 < m["fid_floor"] == yard["floor"]["fid"] and m["rfid"] == yard["rfid"]["fid"] > 0
     prov = metrics["provenance"]
     assert prov["checkpoint_step"] == 12 and len(prov["ema_sha256"]) == 64
     assert set(prov["dvc_lock"]) >= {"data", "vae", "encode", "train", "sample", "reference"}

@@ -1,0 +1,143 @@
+"""Run a named sweep as DVC experiments, then the scaling report.
+
+    python -m stages.sweep scaling|blocks|FILE [--queue] [--dry-run] [--force] [-S key=value ...] [--no-report]
+
+A sweep is a YAML file in `sweeps/` (or any path): `configs` maps an experiment name to its param
+overrides, `set` holds overrides shared by all of them. Each config becomes one DVC experiment, a full
+`dvc repro` of the pipeline with those params (`dvc exp run --temp -n NAME -S key=value ...`), run one
+after another in DVC's temporary folders, so the workspace and its params.yaml are left as they were.
+The stages a config does not change (data, vae, encode, reference, yardsticks) are restored from DVC's
+run cache instead of rerun: the whole sweep computes them once.
+
+An experiment that already finished (its metrics in its commit) is not run again, so a stopped sweep
+continues where it stopped; `--force` reruns everything. `--queue` only queues the experiments
+(`dvc exp run --queue`); start them with `dvc queue start -j 1` and, once `dvc queue status` shows them
+done, draw the report with `python -m stages.scaling --sweep NAME`. The report goes to `artifacts/scaling/` for
+the `scaling` sweep and to `artifacts/scaling-<name>/` for another. `--dry-run` prints the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common import StageError, fail
+
+SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def load_sweep(name: str) -> dict:
+    """A sweep by name (sweeps/<name>.yaml) or path, checked: {description, set, configs}."""
+    path = Path(name)
+    if not path.suffix:
+        local = Path("sweeps") / f"{name}.yaml"  # the repo being run first, then this checkout's
+        path = local if local.is_file() else SWEEPS / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+        fail(f"sweep '{name}': no such file {path} (known: {', '.join(known)})")
+    doc = yaml.safe_load(path.read_text()) or {}
+    configs, common = doc.get("configs"), doc.get("set") or {}
+    if not isinstance(configs, dict) or not configs:
+        fail(f"{path}: 'configs' must map experiment names to param overrides")
+    if not isinstance(common, dict):
+        fail(f"{path}: 'set' must map params to values")
+    for exp, over in configs.items():
+        if not isinstance(exp, str) or not exp.replace("-", "").replace("_", "").isalnum():
+            fail(f"{path}: experiment name {exp!r}: use letters, digits, '-' and '_' (a git ref name)")
+        if not isinstance(over, dict):
+            fail(f"{path}: configs.{exp} must map params to values")
+    return {"path": str(path), "description": doc.get("description", ""), "set": common,
+            "configs": {k: {**common, **v} for k, v in configs.items()}}
+
+
+def report_dir(sweep: str) -> Path:
+    """artifacts/scaling for the `scaling` sweep, artifacts/scaling-<name> for another (blocks, ...)."""
+    stem = Path(sweep).stem
+    return Path("artifacts/scaling" if stem == "scaling" else f"artifacts/scaling-{stem}")
+
+
+def _value(v) -> str:
+    return "null" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
+
+
+def exp_command(name: str, overrides: dict, queue: bool, force: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--queue" if queue else "--temp", "-n", name]
+    for key in sorted(overrides):
+        cmd += ["-S", f"{key}={_value(overrides[key])}"]
+    return cmd + (["-f"] if force else [])
+
+
+def finished() -> dict[str, str]:
+    """{experiment name: state} for the experiments of HEAD that DVC knows."""
+    from stages.scaling import exp_show, git_show, list_experiments, METRICS
+
+    out = {}
+    for name, info in list_experiments(exp_show()).items():
+        done = info["state"] == "success" and info["rev"] and git_show(info["rev"], METRICS) is not None
+        out[name] = "done" if done else info["state"]
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", help="sweep name (sweeps/<name>.yaml: scaling, blocks) or a YAML path")
+    parser.add_argument("--queue", action="store_true", help="only queue them (then: dvc queue start)")
+    parser.add_argument("--dry-run", action="store_true", help="print the dvc commands, run nothing")
+    parser.add_argument("--force", action="store_true", help="rerun experiments that already finished")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more override for every experiment, e.g. -S train.steps=1000")
+    parser.add_argument("--no-report", action="store_true", help="do not run stages.scaling afterwards")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+        extra = {}
+        for item in args.set:
+            if "=" not in item:
+                fail(f"-S {item}: expected KEY=VALUE")
+            k, v = item.split("=", 1)
+            extra[k] = v
+        state = {} if args.dry_run else finished()
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"sweep {args.sweep}: {sweep['description']} ({len(sweep['configs'])} experiments)")
+    failed, t_sweep = [], time.time()
+    for name in sorted(sweep["configs"]):
+        if state.get(name) == "done" and not args.force:
+            print(f"sweep: {name} finished before; kept (--force reruns it)")
+            continue
+        cmd = exp_command(name, {**sweep["configs"][name], **extra}, args.queue,
+                          force=args.force or name in state)
+        print("$ " + shlex.join(["dvc"] + cmd[3:]), flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        proc = subprocess.run(cmd)
+        print(f"sweep: {name} {'ok' if proc.returncode == 0 else f'FAILED ({proc.returncode})'} in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        if proc.returncode:
+            failed.append(name)
+    if args.dry_run:
+        return 0
+    if args.queue:
+        print(f"queued; run them with: dvc queue start -j 1   then: python -m stages.scaling --sweep "
+              f"{args.sweep} --out {report_dir(args.sweep)}")
+        return 0
+    print(f"sweep {args.sweep}: {time.time() - t_sweep:.0f} s, {len(failed)} failed"
+          + (f" ({', '.join(failed)})" if failed else ""), flush=True)
+    rc = 0
+    if not args.no_report:
+        from stages.scaling import main as report
+
+        rc = report(["--sweep", args.sweep, "--out", str(report_dir(args.sweep))])
+    return 1 if failed else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
