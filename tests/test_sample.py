@@ -72,7 +72,7 @@ def test_samples_npz_is_adm_format_with_a_manifest(trained, baseline):
     assert m["cost"]["sample_gflops_per_image"] == pytest.approx(g * 4 * 2, rel=1e-5)  # 4 steps, CFG
 
 
-@pytest.mark.parametrize("n_dev", [2, 3, 8])
+@pytest.mark.parametrize("n_dev", [2, 3, 4, 8])
 def test_same_bytes_on_any_device_count(trained, baseline, n_dev):
     """Fresh work folder each time: every chunk is recomputed on n_dev devices (3: a step of 3 chunks
     and none left over; 8: five padding chunks thrown away; 2: a padded last step)."""
