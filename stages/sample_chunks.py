@@ -58,7 +58,8 @@ class ChunkStore:
         other inputs was moved aside (to `<root>.stale`), else None. Stray temp files are removed."""
         fp_path = self.root / "fingerprint.json"
         note = None
-        if self.root.exists():
+        has_work = self.root.is_dir() and any(self.root.glob("chunk-*"))
+        if self.root.exists() and (fp_path.is_file() or has_work):
             old = json.loads(fp_path.read_text()) if fp_path.is_file() else None
             if old != fingerprint:
                 stale = self.root.with_name(self.root.name + ".stale")

@@ -48,7 +48,8 @@ def outputs(wd):
 
 @pytest.fixture(scope="module")
 def baseline(trained):
-    sample(trained)
+    proc = sample(trained)
+    assert "moved aside" not in proc.stdout  # a first run has nothing to move aside
     return outputs(trained)
 
 
