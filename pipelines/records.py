@@ -45,6 +45,10 @@ def encode_record(mean: np.ndarray, logvar: np.ndarray, label: int, index: int, 
         "label": int(label), "index": int(index), "flip": int(flip), "key": str(key)})
 
 
+class UnknownSchema(ValueError):
+    """A record written by another (newer or foreign) schema version."""
+
+
 def decode_record(data: bytes) -> dict:
     """The record's fields (arrays keep their stored dtype); ValueError for a schema this code predates."""
     from flax import serialization
@@ -52,6 +56,6 @@ def decode_record(data: bytes) -> dict:
     record = serialization.msgpack_restore(data)
     version = record.get("version", 1) if isinstance(record, dict) else None
     if version not in KNOWN_VERSIONS:
-        raise ValueError(f"latent record schema version {version!r} is not one this code reads "
+        raise UnknownSchema(f"latent record schema version {version!r} is not one this code reads "
                          f"{KNOWN_VERSIONS}; re-run the encode stage or update the code")
     return record

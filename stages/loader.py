@@ -18,7 +18,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from pipelines.encode import decode_record
+from pipelines.records import UnknownSchema, decode_record
 
 FIELDS = ("mean", "logvar", "label", "index", "flip")
 
@@ -56,7 +56,9 @@ def parse(data: bytes, where: str) -> dict:
     """One record as arrays; a record of another schema is a BadShard naming where it was read."""
     try:
         r = decode_record(data)
-    except Exception as e:  # msgpack errors, and encode's ValueError for an unknown schema version
+    except UnknownSchema as e:
+        raise BadShard(f"{where}: record of another schema ({e})")
+    except Exception as e:  # msgpack errors
         raise BadShard(f"{where}: cannot decode the record ({type(e).__name__}: {e}); rerun the encode stage")
     if not isinstance(r, dict) or set(FIELDS) - set(r):
         keys = sorted(r) if isinstance(r, dict) else type(r).__name__

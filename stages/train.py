@@ -280,9 +280,11 @@ def main(argv: list[str]) -> None:
         while step < cfg["steps"]:
             if stop.should_stop(mgr, step):
                 log.flush()
-                with log.paused():
-                    checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window})
                 mgr.wait_until_finished()
+                if step not in mgr.all_steps():  # the signal may come right after a regular save of step
+                    with log.paused():
+                        checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window})
+                    mgr.wait_until_finished()
                 print(f"train: stopped by {stop.name} at step {step}; checkpoint saved, rerun to continue",
                       file=sys.stderr)
                 sys.exit(stop.exit_code)
