@@ -123,23 +123,30 @@ def _write_npz(f, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(out, np.ascontiguousarray(arr), allow_pickle=False)
 
 
+def _npy_entry(zf: zipfile.ZipFile, name: str, dtype, shape: tuple):
+    """An open zip entry `name.npy` with its .npy header written; the caller streams the raw data."""
+    out = zf.open(zipfile.ZipInfo(f"{name}.npy", ZIP_TIME), "w", force_zip64=True)
+    np.lib.format.write_array_header_1_0(out, {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return out
+
+
 def merge(store: ChunkStore, num_samples: int, per_device: int, out_path: Path, on_chunk=None) -> None:
-    """ADM's samples.npz (arr_0 uint8 NHWC, arr_1 int labels) in sample order, streamed chunk by chunk:
-    memory holds one chunk, whatever num_samples. `on_chunk(start, images, labels)` sees each piece."""
-    k_total = num_chunks(num_samples, per_device)
+    """ADM's samples.npz (arr_0 uint8 NHWC, arr_1 int labels) in sample order, streamed chunk by chunk in
+    one pass: memory holds one chunk of images (and the labels, 4 bytes a sample), whatever num_samples.
+    `on_chunk(start, images, labels)` sees each piece."""
     first_images, first_labels = store.read(0)
     shape, label_dtype = first_images.shape[1:], first_labels.dtype
     del first_images, first_labels
+    labels_all = []
     with zipfile.ZipFile(out_path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, dtype, item_shape, pick in (("arr_0", np.uint8, shape, 0), ("arr_1", label_dtype, (), 1)):
-            with zf.open(zipfile.ZipInfo(f"{name}.npy", ZIP_TIME), "w", force_zip64=True) as out:
-                np.lib.format.write_array_header_1_0(out, {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                    "shape": (num_samples, *item_shape)})
-                for k in range(k_total):
-                    images, labels = store.read(k)
-                    keep = min(per_device, num_samples - k * per_device)
-                    part = (images, labels)[pick][:keep]
-                    out.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
-                    if pick == 0 and on_chunk is not None:
-                        on_chunk(k * per_device, images[:keep], labels[:keep])
+        with _npy_entry(zf, "arr_0", np.uint8, (num_samples, *shape)) as out:
+            for k in range(num_chunks(num_samples, per_device)):
+                images, labels = store.read(k)
+                keep = min(per_device, num_samples - k * per_device)
+                out.write(np.ascontiguousarray(images[:keep], dtype=np.uint8).tobytes())
+                labels_all.append(labels[:keep])
+                if on_chunk is not None:
+                    on_chunk(k * per_device, images[:keep], labels[:keep])
+        with _npy_entry(zf, "arr_1", label_dtype, (num_samples,)) as out:
+            out.write(np.ascontiguousarray(np.concatenate(labels_all), dtype=label_dtype).tobytes())
