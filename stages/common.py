@@ -150,6 +150,17 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
+def load_inception(evaluate: dict):
+    """The Inception network `evaluate.inception_source` / `inception_path` name, or one line naming them
+    (reference, yardsticks and evaluate must all use the same one)."""
+    from metrics.inception import InceptionV3
+
+    try:
+        return InceptionV3.load(evaluate["inception_source"], evaluate["inception_path"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"evaluate.inception_source/inception_path: {e}")
+
+
 def require(cond: bool, message: str) -> None:
     if not cond:
         fail(message)

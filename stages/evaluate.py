@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import (Manifest, code_version, fail, load_params, main_guard, read_manifest,
-                           sha256_file, write_json)
+from stages.common import (Manifest, code_version, fail, load_inception, load_params, main_guard,
+                           read_manifest, write_json)
 
 SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")
 YARDSTICKS = Path("artifacts/yardsticks/yardsticks.json")  # absent in pipelines without that stage
@@ -34,12 +34,8 @@ def main(argv: list[str]) -> None:
     samples, reference = SAMPLES / "samples.npz", REFERENCE / "reference.npz"
 
     from metrics.adm import evaluate
-    from metrics.inception import InceptionV3
 
-    try:
-        inception = InceptionV3.load(cfg["inception_source"], cfg["inception_path"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"evaluate.inception_source/inception_path: {e}")
+    inception = load_inception(cfg)
 
     t0 = time.time()
     try:

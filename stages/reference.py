@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
-                           require_path, sha256_file)
+from stages.common import (Manifest, atomic_dir, fail, load_inception, load_params, main_guard,
+                           read_manifest, require_path, sha256_file)
 from stages.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/reference")
@@ -53,12 +53,8 @@ def main(argv: list[str]) -> None:
     read_manifest(DATA)
 
     from metrics.adm import write_reference
-    from metrics.inception import InceptionV3
 
-    try:
-        inception = InceptionV3.load(ev["inception_source"], ev["inception_path"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"evaluate.inception_source/inception_path: {e}")
+    inception = load_inception(ev)
 
     manifest = Manifest("reference", params)
     manifest.add_input("data", DATA / "index.json")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
-                           require_path, write_json)
+from stages.common import (Manifest, atomic_dir, fail, load_inception, load_params, main_guard,
+                           read_manifest, require_path, write_json)
 from stages.images import BadImage, iter_images, read_index
 
 DATA, VAE, REFERENCE = Path("artifacts/data"), Path("artifacts/vae"), Path("artifacts/reference")
@@ -93,13 +93,9 @@ def main(argv: list[str]) -> None:
     reference = REFERENCE / "reference.npz"
 
     from metrics.adm import evaluate
-    from metrics.inception import InceptionV3
     from metrics.npz import write_atomic
 
-    try:
-        inception = InceptionV3.load(ev["inception_source"], ev["inception_path"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(f"evaluate.inception_source/inception_path: {e}")
+    inception = load_inception(ev)
     manifest = Manifest("yardsticks", params)
     manifest.add_input("data", DATA / "index.json")
     manifest.add_input("vae", VAE, exclude=("manifest.json",))
