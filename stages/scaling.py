@@ -27,10 +27,8 @@ or date stamp), so a second run changes nothing.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +37,12 @@ import numpy as np
 import yaml
 
 from stages.common import StageError, fail, write_json
+from stages.scaling_figures import plot_curves, plot_fid_vs, samples_grid
 
 OUT = Path("artifacts/scaling")
 METRICS = "artifacts/eval/metrics.json"
-SAMPLES = "artifacts/samples/samples.npz"
+CURVES = "artifacts/curves"
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
-GRID_COLUMNS = 10  # sample indices 0..9: one per class under `sample.labels: balanced` on digits
-PNG_META = {"Software": None}  # no version stamp: the same data gives the same bytes
 
 
 # ---------------------------------------------------------------------------------------------- gather
@@ -153,8 +150,34 @@ def make_row(name: str, info: dict | None) -> dict:
         "fid_floor": _num(m.get("fid_floor", (yard.get("floor") or {}).get("fid"))),
         "reference_sha256": prov.get("reference_sha256"),
         "inception_sha256": (prov.get("inception") or {}).get("weights_sha256"),
+        **read_curves(info["rev"], (params.get("curves") or {}).get("num_samples")),
     })
     return row
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _tsv(text: str | None) -> list[dict]:
+    """Rows of a curves TSV; numbers as numbers, the sampler name as written ("100", "dpm++25")."""
+    if not text:
+        return []
+    head, *lines = [line.split("\t") for line in text.splitlines() if line]
+    return [{h: v if h == "sampler" else _value(v) for h, v in zip(head, line)} for line in lines]
+
+
+def read_curves(rev: str, num_samples) -> dict:
+    """The experiment's curves stage output (FID vs training step, FID vs sampling Gflops), [] when its
+    pipeline had no curves stage."""
+    return {"curve_samples": num_samples,
+            "curve_steps": _tsv(git_show(rev, f"{CURVES}/fid_vs_step.tsv")),
+            "curve_sampling": _tsv(git_show(rev, f"{CURVES}/fid_vs_sampling.tsv"))}
 
 
 def gather(exps: list[str] | None, sweep: str | None, all_commits: bool) -> list[dict]:
@@ -194,106 +217,6 @@ def fit_fid_on_gflops(rows: list[dict]) -> dict | None:
             "gflops_span": round(max(p[0] for p in pts) / min(p[0] for p in pts), 3)}
 
 
-# ---------------------------------------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"svg.hashsalt": "dit", "font.size": 9})
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, metadata=PNG_META)
-    os.replace(tmp, path)
-
-
-def _yardstick_lines(ax, rows: list[dict]) -> None:
-    for key, label, style in (("rfid", "rFID (VAE reconstructions)", "--"),
-                              ("fid_floor", "real vs real (floor)", ":")):
-        vals = sorted({r[key] for r in rows if r.get(key) is not None})
-        if vals:
-            ax.axhline(vals[0], color="gray", linestyle=style, linewidth=1,
-                       label=label + ("" if len(vals) == 1 else f" (min of {len(vals)})"))
-
-
-def plot_fid_vs(rows: list[dict], x: str, xlabel: str, path: Path, title: str, connect: bool,
-                fit: dict | None = None) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    by_config: dict[str, list[dict]] = {}
-    for r in rows:
-        if r.get(x) and r["fid"]:
-            by_config.setdefault(r["config"], []).append(r)
-    for config in sorted(by_config):
-        pts = sorted(by_config[config], key=lambda r: r[x])
-        ax.plot([r[x] for r in pts], [r["fid"] for r in pts], "o-" if connect else "o", label=config)
-        if not connect:
-            for r in pts:
-                ax.annotate(r["name"], (r[x], r["fid"]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
-    if fit and fit["slope"] is not None:
-        xs = sorted(r[x] for r in rows if r.get(x) and r["fid"])
-        xs = np.array([xs[0], xs[-1]])
-        ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k-", linewidth=0.8,
-                label=f"fit: FID ~ Gflops^{fit['slope']}")
-    _yardstick_lines(ax, rows)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def read_samples(rev: str, count: int) -> np.ndarray:
-    """The first `count` samples of an experiment's samples.npz, from the DVC cache."""
-    import dvc.api
-
-    with dvc.api.open(SAMPLES, rev=rev, mode="rb") as f:
-        data = io.BytesIO(f.read())
-    with np.load(data, allow_pickle=False) as z:
-        return z["arr_0"][:count]
-
-
-def samples_grid(rows: list[dict], path: Path) -> dict:
-    """Rows = experiments (by Gflops), columns = sample indices 0..9: the same noise and label in each
-    column, as the paper's Figure 7."""
-    from PIL import Image, ImageDraw
-
-    got, skipped = [], []
-    for r in sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (r["gflops"] or 0, r["name"])):
-        try:
-            got.append((r["name"], read_samples(r["rev"], GRID_COLUMNS)))
-        except Exception as e:  # not in the cache (pulled elsewhere, gc'd): name it, draw the rest
-            skipped.append({"name": r["name"], "reason": f"{type(e).__name__}: {str(e)[:200]}"})
-    if not got:
-        return {"experiments": [], "skipped": skipped, "written": False}
-    h, w = got[0][1].shape[1:3]
-    scale = max(1, 64 // h)
-    label_w, cols = 130, max(len(s) for _, s in got)
-    canvas = Image.new("RGB", (label_w + cols * w * scale, len(got) * h * scale), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, s) in enumerate(got):
-        for j, img in enumerate(s):
-            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (label_w + j * w * scale, i * h * scale))
-        draw.text((4, i * h * scale + 4), name, fill="black")
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return {"experiments": [n for n, _ in got], "skipped": skipped, "written": True}
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -315,7 +238,15 @@ def report(rows: list[dict], out: Path) -> tuple[dict, list[dict]]:
         plot_fid_vs(ok, "train_compute", "training compute, Gflops (Gflops x 3 x batch x steps; log)",
                     out / "fid_vs_compute.png", "FID vs training compute", connect=True)
         figures += ["fid_vs_gflops.png", "fid_vs_steps.png", "fid_vs_compute.png"]
-    for stale in ("fid_vs_gflops.png", "fid_vs_steps.png", "fid_vs_compute.png"):
+        if plot_curves(ok, "curve_steps", "step", "training step (log)", out / "fid_over_training.png",
+                       "FID over training, from each run's kept EMAs"):
+            figures.append("fid_over_training.png")
+        if plot_curves(ok, "curve_sampling", "sample_gflops_per_image",
+                       "sampling Gflops per image (model Gflops x steps x 2 with guidance; log)",
+                       out / "fid_vs_sampling_compute.png", "FID vs sampling compute (Figure 10)"):
+            figures.append("fid_vs_sampling_compute.png")
+    for stale in ("fid_vs_gflops.png", "fid_vs_steps.png", "fid_vs_compute.png", "fid_over_training.png",
+                  "fid_vs_sampling_compute.png"):
         if stale not in figures:  # a refused report must not leave an older, incomparable figure
             (out / stale).unlink(missing_ok=True)
     grid = samples_grid(rows, out / "samples_grid.png")

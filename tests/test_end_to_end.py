@@ -21,12 +21,13 @@ TINY = {
     "vae": {"steps": 30, "batch_size": 16},
     "encode": {"shards": 2, "batch_size": 16, "num_workers": 2},
     "train": {"steps": 12, "global_batch_size": 16, "log_every": 5, "ckpt_every": 10,
-              "depth": 2, "hidden_size": 64, "num_heads": 2},
+              "depth": 2, "hidden_size": 64, "num_heads": 2, "keep_every": 6},
     "sample": {"num_samples": 20, "num_sampling_steps": "5", "batch_size": 10, "grid_per_class": 2},
+    "curves": {"num_samples": 20, "train_sampler": "5", "samplers": ["ddim3", "5"]},
     "reference": {"max_images": 25},
     "evaluate": {"batch_size": 20},
 }
-STAGES = ["data", "vae", "encode", "train", "sample", "reference", "yardsticks", "evaluate"]
+STAGES = ["data", "vae", "encode", "train", "sample", "reference", "yardsticks", "evaluate", "curves"]
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -109,6 +110,31 @@ def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
     assert set(prov["dvc_lock"]) >= {"data", "vae", "encode", "train", "sample", "reference"}
 
 
+def read_tsv(path: Path) -> list[dict]:
+    head, *rows = [line.split("\t") for line in path.read_text().splitlines()]
+    return [dict(zip(head, r)) for r in rows]
+
+
+def test_curves_score_every_kept_ema_and_every_sampler(repo):
+    """FID over training from the EMAs kept every 6 steps (6, 12), FID over sampling compute from the
+    final EMA; the point shared by both curves (step 12, the training curve's sampler) is one point."""
+    dst, _, _ = repo
+    a = dst / "artifacts/curves"
+    by_step = read_tsv(a / "fid_vs_step.tsv")
+    assert [int(r["step"]) for r in by_step] == [6, 12]
+    by_sampler = read_tsv(a / "fid_vs_sampling.tsv")
+    assert [r["sampler"] for r in by_sampler] == ["ddim3", "5"]  # by sampling compute
+    gflops = [float(r["sample_gflops_per_image"]) for r in by_sampler]
+    assert gflops[1] / gflops[0] == pytest.approx(5 / 3)
+    assert all(np.isfinite(float(r["fid"])) and float(r["fid"]) > 0 for r in by_step + by_sampler)
+    assert by_step[1]["fid"] == by_sampler[1]["fid"]
+    doc = json.loads((a / "curves.json").read_text())
+    assert len(doc["points"]) == 3 and len({p["ema_sha256"] for p in doc["points"]}) == 2
+    # the same reference batch as the evaluate stage's FID
+    assert doc["reference_sha256"] == json.loads((dst / "artifacts/eval/metrics.json").read_text())[
+        "provenance"]["reference_sha256"]
+
+
 def test_second_repro_runs_nothing(repo):
     dst, env, _ = repo
     out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
@@ -150,7 +176,7 @@ def test_sample_param_reruns_only_sample_and_evaluate(repo):
     params["sample"]["cfg_scale"] = 2.0
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([sys.executable, "-m", "dvc", "repro"], dst, env)
-    assert sorted(ran(out)) == ["evaluate", "sample"], out
+    assert sorted(ran(out)) == ["curves", "evaluate", "sample"], out
     metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())
     assert metrics["provenance"]["sampler"]["cfg_scale"] == 2.0
 
@@ -177,7 +203,7 @@ def test_dvc_experiments_carry_their_fid(repo):
     sh(["git", "add", "-A"], dst, env)
     sh(["git", "commit", "-qm", "baseline results"], dst, env)
     out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "sample.cfg_scale=3.0"], dst, env)
-    assert sorted(ran(out)) == ["evaluate", "sample"], out
+    assert sorted(ran(out)) == ["curves", "evaluate", "sample"], out
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], dst, env))
     fids = _experiment_fids(shown)
     assert fids and all(np.isfinite(f) for f in fids), json.dumps(shown)[:3000]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from stages import scaling
+from stages import scaling, scaling_figures
 
 # ------------------------------------------------------------------------------------ the report, fast
 
@@ -27,7 +27,7 @@ def row(name, gflops, fid, ref="r1", inc="i1", steps=100, patch=2):
 
 
 def test_report_fits_slope_and_spearman_and_is_byte_stable(tmp_path, monkeypatch):
-    monkeypatch.setattr(scaling, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    monkeypatch.setattr(scaling_figures, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
     rows = [row("a", 0.001, 100.0), row("b", 0.01, 50.0), row("c", 0.1, 25.0),
             {"name": "d", "status": "missing", "reason": "experiment queued", "rev": None}]
     doc, _ = scaling.report(rows, tmp_path)
@@ -42,8 +42,21 @@ def test_report_fits_slope_and_spearman_and_is_byte_stable(tmp_path, monkeypatch
     assert all(b"matplotlib" not in v for v in first.values())
 
 
+def test_report_draws_the_curves_of_runs_that_have_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(scaling_figures, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    curve = {"curve_samples": 250, "curve_steps": [{"step": 1000, "fid": 120.0}, {"step": 2000, "fid": 90.0}],
+             "curve_sampling": [{"sampler": "dpm++10", "sample_gflops_per_image": 0.2, "fid": 110.0},
+                                {"sampler": "100", "sample_gflops_per_image": 2.0, "fid": 95.0}]}
+    rows = [row("a", 0.001, 100.0) | curve, row("b", 0.01, 50.0)]  # b: a pipeline without the curves stage
+    doc, _ = scaling.report(rows, tmp_path)
+    assert {"fid_over_training.png", "fid_vs_sampling_compute.png"} <= set(doc["figures"])
+    assert (tmp_path / "fid_vs_sampling_compute.png").read_bytes()[:4] == b"\x89PNG"
+    assert scaling._tsv("sampler\tsampling_steps\tfid\n100\t100\t9.5\n") == [
+        {"sampler": "100", "sampling_steps": 100, "fid": 9.5}]
+
+
 def test_report_refuses_fid_figures_across_reference_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(scaling, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
+    monkeypatch.setattr(scaling_figures, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
     (tmp_path / "fid_vs_gflops.png").write_bytes(b"old")
     rows = [row("a", 0.001, 100.0), row("b", 0.01, 50.0, ref="r2"), row("c", 0.1, 25.0, inc="i2")]
     doc, groups = scaling.report(rows, tmp_path)
@@ -72,8 +85,9 @@ TINY = {
     "data": {"limit": 40},
     "vae": {"steps": 10, "batch_size": 16},
     "encode": {"shards": 2, "batch_size": 16, "num_workers": 1},
-    "train": {"steps": 4, "global_batch_size": 8, "log_every": 2, "ckpt_every": 4},
+    "train": {"steps": 4, "global_batch_size": 8, "log_every": 2, "ckpt_every": 4, "keep_every": 2},
     "sample": {"num_samples": 10, "num_sampling_steps": "2", "batch_size": 10, "grid_per_class": 1},
+    "curves": {"num_samples": 10, "train_sampler": "2", "samplers": ["2", "ddim4"]},
     "reference": {"max_images": 20},
     "evaluate": {"batch_size": 20},
 }
@@ -145,9 +159,12 @@ def test_smoke_sweep_report_has_both_rows_with_dit_flops_gflops(swept):
         assert r["train_compute"] == pytest.approx(r["gflops"] * 3 * 8 * 4, rel=1e-9)
         assert r["fid"] > 0 and r["reference_sha256"] and r["inception_sha256"]
         assert 0 < r["fid_floor"] and 0 < r["rfid"]  # the yardsticks, shared by both experiments
+        assert [p["step"] for p in r["curve_steps"]] == [2, 4]  # the kept EMAs, from the curves stage
+        assert [p["sampler"] for p in r["curve_sampling"]] == ["2", "ddim4"]
+        assert r["curve_sampling"][0]["sample_gflops_per_image"] == pytest.approx(r["gflops"] * 2 * 2)
     assert rows["smoke-d1-p4"]["rfid"] == rows["smoke-d2-p2"]["rfid"]
-    assert doc["figures"] == ["fid_vs_compute.png", "fid_vs_gflops.png", "fid_vs_steps.png",
-                              "samples_grid.png"]
+    assert doc["figures"] == ["fid_over_training.png", "fid_vs_compute.png", "fid_vs_gflops.png",
+                              "fid_vs_sampling_compute.png", "fid_vs_steps.png", "samples_grid.png"]
     assert doc["grid"] == {"experiments": ["smoke-d1-p4", "smoke-d2-p2"], "skipped": []}
     for f in doc["figures"]:
         assert (dst / "artifacts/scaling-smoke" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
