@@ -7,6 +7,12 @@ Two modes, chosen by `vae.pretrained`:
   `scaling_factor` = 1 / std of posterior samples over those images, so scaled latents have unit
   variance (how SD arrived at 0.18215).
 
+The training loss is `recon + edge_weight * edge + kl_weight * KL`: `recon` a per-pixel L1 or MSE
+(`vae.recon_loss`, dit.vae.vae_loss), `edge` the mean absolute error of the horizontal and vertical
+differences of neighbouring pixels (the image gradient; no perceptual network). On the digits default, MSE
+alone blurs the strokes and tints the white background (rFID 77 at 200 steps, 38.8 at 400); L1 + edge at
+400 steps reaches rFID ~15 against a real-vs-real floor of 8.9.
+
 Writes artifacts/vae/{vae.msgpack, config.json, manifest.json}.
 """
 
@@ -61,6 +67,11 @@ def check_training_params(p: dict) -> None:
         fail(f"vae.lr: expected a positive number, got {p['lr']!r}")
     if not (isinstance(p["kl_weight"], (int, float)) and p["kl_weight"] >= 0):
         fail(f"vae.kl_weight: expected a number >= 0, got {p['kl_weight']!r}")
+    if p.get("recon_loss", "mse") not in ("mse", "l1"):
+        fail(f"vae.recon_loss: expected mse or l1, got {p['recon_loss']!r}")
+    edge = p.get("edge_weight", 0.0)
+    if not (isinstance(edge, (int, float)) and not isinstance(edge, bool) and edge >= 0):
+        fail(f"vae.edge_weight: expected a number >= 0, got {edge!r}")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         fail(f"vae.seed: expected an int, got {p['seed']!r}")
 
@@ -90,8 +101,17 @@ def to_model(x_uint8):
     return x_uint8.astype(jnp.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as the encode stage does
 
 
+def edge_loss(recon, x):
+    """Mean absolute error of the differences of neighbouring pixels (vertical + horizontal), NHWC."""
+    import jax.numpy as jnp
+
+    d = recon - x
+    return jnp.mean(jnp.abs(d[:, 1:] - d[:, :-1])) + jnp.mean(jnp.abs(d[:, :, 1:] - d[:, :, :-1]))
+
+
 def train(config, images: np.ndarray, p: dict, log_every: int = 50):
-    """AdamW on recon MSE + kl_weight * KL; returns (params, logged losses, timings)."""
+    """AdamW on recon (L1 or MSE) + edge_weight * edge + kl_weight * KL; returns (params, logged losses,
+    timings)."""
     import jax
     import optax
 
@@ -108,10 +128,16 @@ def train(config, images: np.ndarray, p: dict, log_every: int = 50):
     tx = optax.adamw(optax.cosine_decay_schedule(p["lr"], p["steps"]))
     opt_state = tx.init(params)
     n, batch, kl_weight = len(images), p["batch_size"], float(p["kl_weight"])
+    recon_loss, edge_weight = p.get("recon_loss", "mse"), float(p.get("edge_weight", 0.0))
 
     def loss_fn(params, x, key):
         recon, mean, logvar = model.apply({"params": params}, x, key)
-        return vae_loss(recon, x, mean, logvar, kl_weight)
+        loss, aux = vae_loss(recon, x, mean, logvar, kl_weight, recon_loss=recon_loss)
+        if edge_weight:
+            edge = edge_loss(recon, x)
+            loss = loss + edge_weight * edge
+            aux = dict(aux, loss=loss, edge=edge)
+        return loss, aux
 
     @jax.jit
     def step_fn(params, opt_state, data, step):
