@@ -264,7 +264,22 @@ def report(rows: list[dict], out: Path) -> tuple[dict, list[dict]]:
         "grid": grid,
     }
     write_json(out / "scaling.json", doc)
+    write_tsv(out / "scaling.tsv", ok)
     return doc, groups
+
+
+TSV_COLUMNS = ("name", "config", "params", "gflops", "train_compute", "steps", "fid", "sfid", "precision",
+               "recall", "rfid", "fid_floor")
+
+
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    """The rows with metrics as a table `dvc plots show` reads:
+    dvc plots show artifacts/scaling/scaling.tsv -x gflops -y fid --template scatter"""
+    text = "\t".join(TSV_COLUMNS) + "\n" + "".join(
+        "\t".join("" if r.get(c) is None else str(r[c]) for c in TSV_COLUMNS) + "\n" for r in rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -36,6 +36,8 @@ def test_report_fits_slope_and_spearman_and_is_byte_stable(tmp_path, monkeypatch
     assert doc["missing"] == [{"name": "d", "reason": "experiment queued"}]
     assert doc["figures"] == ["fid_vs_compute.png", "fid_vs_gflops.png", "fid_vs_steps.png"]
     assert [s["name"] for s in doc["grid"]["skipped"]] == ["a", "b", "c"]  # named, not dropped
+    tsv = (tmp_path / "scaling.tsv").read_text().splitlines()  # for dvc plots
+    assert tsv[0].split("\t")[:4] == ["name", "config", "params", "gflops"] and len(tsv) == 4
     first = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     scaling.report(rows, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == first
