@@ -31,6 +31,20 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Log-log axes, labels, legend and grid; then write the PNG and free the figure."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def _yardstick_lines(ax, rows: list[dict]) -> None:
     for key, label, style in (("rfid", "rFID (VAE reconstructions)", "--"),
                               ("fid_floor", "real vs real (floor)", ":")):
@@ -61,16 +75,7 @@ def plot_fid_vs(rows: list[dict], x: str, xlabel: str, path: Path, title: str, c
         ax.plot(xs, 10 ** (fit["intercept"] + fit["slope"] * np.log10(xs)), "k-", linewidth=0.8,
                 label=f"fit: FID ~ Gflops^{fit['slope']}")
     _yardstick_lines(ax, rows)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(plt, fig, ax, xlabel, "FID (lower is better)", title, path)
 
 
 def read_samples(rev: str, count: int) -> np.ndarray:
@@ -126,14 +131,5 @@ def plot_curves(rows: list[dict], key: str, x: str, xlabel: str, path: Path, tit
         if key == "curve_sampling":
             for p in pts:
                 ax.annotate(p["sampler"], (p[x], p["fid"]), fontsize=5, xytext=(2, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"FID, {have[0].get('curve_samples')} samples (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _finish(plt, fig, ax, xlabel, f"FID, {have[0].get('curve_samples')} samples (lower is better)", title, path)
     return True
