@@ -112,7 +112,7 @@ CASES = {
                                                "record 0", ["(8, 8, 4)", "(4, 4, 4)"]),
     "patch size the latents cannot take": (lambda wd: "train.patch_size", ["8x8x4", "patch_size=3"]),
     "keep_every 0": (lambda wd: "train.keep_every", ["got 0"]),
-    "keep_every 2.5": (lambda wd: "train.keep_every", ["got 2.5"]),
+    "keep_every 2.5": (lambda wd: "train.keep_every", ["2.5"]),
     "grad_clip -1": (lambda wd: "train.grad_clip", ["got -1"]),
     "grad_clip nan": (lambda wd: "train.grad_clip", ["got nan"]),
 }
