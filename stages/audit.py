@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from stages.common import code_version, read_manifest, sha256_file, sha256_tree
+from stages.evaluate import UPSTREAM
 
 ARTIFACTS = Path("artifacts")
 
@@ -101,7 +102,7 @@ def check_checkpoint(chain: Chain, samples: dict) -> None:
     chain.check(f"orbax step {step} EMA weights", samples["ema_sha256"], got)
 
 
-FID_CHAIN = ("data", "vae", "encode", "train", "pretrained", "sample", "reference", "yardsticks", "evaluate")
+FID_CHAIN = (*UPSTREAM, "yardsticks", "evaluate")  # the stages a reported FID reads, directly or not
 
 
 def check_dvc(chain: Chain, provenance: dict) -> None:

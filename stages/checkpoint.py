@@ -110,25 +110,29 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------- Orbax managers
 
 
-def manager(ckpt_dir: Path, **options):
-    """The rolling full states (`orbax/`); with no options, a reader's manager."""
+def _open(folder: Path, options: dict):
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(**options) if options else None
-    return ocp.CheckpointManager((Path(ckpt_dir) / "orbax").resolve(), options=opts)
+    return ocp.CheckpointManager(folder.resolve(), options=opts)
+
+
+def manager(ckpt_dir: Path, **options):
+    """The rolling full states (`orbax/`); with no options, a reader's manager."""
+    return _open(Path(ckpt_dir) / "orbax", options)
+
+
+def kept_manager(ckpt_dir: Path, **options):
+    """The EMAs kept for good every train.keep_every steps (`kept/`); with no options, a reader's manager."""
+    return _open(Path(ckpt_dir) / "kept", options)
 
 
 def writers(ckpt_dir: Path, keep_every: int | None):
     """The trainer's two managers: rolling full states, and (keep_every set) the EMAs kept for good.
     Saves are asynchronous (Orbax's default): the step loop goes on while a checkpoint is written.
     Orbax removes the tmp folders of saves a dead run left unfinished (cleanup_tmp_directories)."""
-    import orbax.checkpoint as ocp
-
     rolling = manager(ckpt_dir, max_to_keep=KEEP_LAST, create=True, cleanup_tmp_directories=True)
-    kept = None
-    if keep_every:
-        kept = ocp.CheckpointManager((Path(ckpt_dir) / "kept").resolve(), options=ocp.CheckpointManagerOptions(
-            create=True, cleanup_tmp_directories=True))
+    kept = kept_manager(ckpt_dir, create=True, cleanup_tmp_directories=True) if keep_every else None
     return rolling, kept
 
 

@@ -288,6 +288,15 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.rename(path)
 
 
+def write_tsv(path: Path, columns, rows: list[dict]) -> None:
+    """A table `dvc plots` reads: a header of `columns`, one line per row, None as an empty cell."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join("\t".join(map(str, line)) + "\n" for line in [columns] + [
+        ["" if r.get(c) is None else r[c] for c in columns] for r in rows]))
+    tmp.rename(path)
+
+
 class Manifest:
     """Collects what a stage read, did and skipped; written as `manifest.json` in its output."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import (Manifest, fail, load_inception, load_params, main_guard, read_manifest,
-                           tree_sha256, write_json)
+                           tree_sha256, write_json, write_tsv)
 
 CKPT, VAE, REFERENCE = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/reference")
 OUT = Path("artifacts/curves")
@@ -38,7 +38,7 @@ def check_params(cfg: dict) -> None:
     n = cfg["num_samples"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         fail(f"curves.num_samples: expected an integer >= 2, got {n!r}")
-    if not isinstance(cfg["train_sampler"], str) and not isinstance(cfg["train_sampler"], int):
+    if not isinstance(cfg["train_sampler"], (str, int)):
         fail(f"curves.train_sampler: expected a sampler name such as 'dpm++25', got {cfg['train_sampler']!r}")
     samplers = cfg["samplers"]
     if not isinstance(samplers, list) or not all(isinstance(s, (str, int)) for s in samplers):
@@ -54,25 +54,17 @@ def make_diffusion(spacing: str, learn_sigma: bool, param: str):
         fail(f"{param}: {e}")
 
 
-def _kept_dirs() -> list[int]:
-    return sorted(int(p.name) for p in (CKPT / "kept").iterdir() if p.name.isdigit())
-
-
 def generate(sampler, ema, vae_params, root, sample_cfg, n: int, per_device: int, mesh, num_classes: int):
     """n uint8 images and labels, samples 0..n-1 exactly as the sample stage draws them."""
-    import jax
-
     from dit.sharding import batch_sharding
-    from stages.sample import _fold, sample_labels
+    from stages.sample import run_sampler
 
-    shard, devices = batch_sharding(mesh), mesh.size
-    step = devices * per_device
+    shard, step = batch_sharding(mesh), mesh.size * per_device
     images, labels = [], []
     for start in range(0, n, step):
         idx = np.arange(start, start + step)  # past n: padding, thrown away
-        key_data, y = _fold(root, idx), sample_labels(sample_cfg, root, idx, num_classes)
-        put = lambda host: jax.make_array_from_callback(host.shape, shard, lambda i: host[i])
-        images.append(np.asarray(sampler(ema, vae_params, put(key_data), put(y))))
+        out, y = run_sampler(sampler, ema, vae_params, root, sample_cfg, idx, shard, num_classes)
+        images.append(np.asarray(out))
         labels.append(y)
     return np.concatenate(images)[:n], np.concatenate(labels)[:n]
 
@@ -89,13 +81,6 @@ def score(images, labels, inception, batch_size: int, tmp: Path) -> dict:
     except ValueError as e:
         fail(str(e))
     return {k: round(float(m[k]), 6) for k in COLUMNS}
-
-
-def write_tsv(path: Path, header: tuple[str, ...], rows: list[dict]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    lines = ["\t".join(header)] + ["\t".join(str(r[h]) for h in header) for r in rows]
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str]) -> None:
@@ -125,7 +110,7 @@ def main(argv: list[str]) -> None:
     for s in spacings:
         diffusions.setdefault(s, make_diffusion(s, config.learn_sigma, "curves.samplers"))
     final = int(ckpt_manifest["final_step"])
-    kept = _kept_dirs() if (CKPT / "kept").is_dir() else []
+    kept = checkpoint.kept_manager(CKPT).all_steps() if (CKPT / "kept").is_dir() else []
     points = [(s, train_spacing) for s in sorted(set(kept) | {final})]
     points += [(final, s) for s in spacings if s != train_spacing]
 
@@ -148,7 +133,7 @@ def main(argv: list[str]) -> None:
         for step, spacing in points:
             if step not in emas:
                 where = CKPT / ("orbax" if step == final else "kept")
-                mgr = checkpoint.manager(CKPT) if step == final else _kept_manager()
+                mgr = checkpoint.manager(CKPT) if step == final else checkpoint.kept_manager(CKPT)
                 try:
                     emas[step] = checkpoint.restore_ema(mgr, step, config, mesh)
                 except Exception as e:
@@ -187,12 +172,6 @@ def main(argv: list[str]) -> None:
     manifest.write(OUT)
     print(f"curves: {len(by_step)} training points, {len(by_sampler)} sampler points "
           f"({time.time() - t0:.1f}s) -> {OUT}")
-
-
-def _kept_manager():
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager((CKPT / "kept").resolve())
 
 
 if __name__ == "__main__":

@@ -99,6 +99,16 @@ def _uniform(root, indices: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, n))(keys))
 
 
+def run_sampler(sampler, ema, vae_params, root, cfg: dict, idx: np.ndarray, shard, num_classes: int):
+    """(images, labels) of samples `idx`: their keys and labels from (root, i), placed by `shard`, through
+    `build_sampler`'s program. `images` is a global array (each host holds its devices' rows)."""
+    import jax
+
+    key_data, labels = _fold(root, idx), sample_labels(cfg, root, idx, num_classes)
+    put = lambda host: jax.make_array_from_callback(host.shape, shard, lambda i: host[i])
+    return sampler(ema, vae_params, put(key_data), put(labels)), labels
+
+
 def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform: str) -> dict:
     """What a chunk's bytes depend on; num_samples and grid_per_class are not among them."""
     import jax
@@ -263,10 +273,7 @@ def main(argv: list[str]) -> None:
         # dummy chunks pad the last step; their indices lie past every real chunk and are thrown away
         ids = [k if k is not None else total + j for j, k in enumerate(chunk_ids)]
         idx = np.concatenate([np.arange(k * per_device, (k + 1) * per_device) for k in ids])
-        key_data = _fold(root, idx)
-        labels = sample_labels(cfg, root, idx, config.num_classes)
-        put = lambda host: jax.make_array_from_callback(host.shape, shard, lambda i: host[i])
-        out = sampler(ema, vae_params, put(key_data), put(labels))
+        out, labels = run_sampler(sampler, ema, vae_params, root, cfg, idx, shard, config.num_classes)
         for s in out.addressable_shards:  # this host's devices' chunks only
             pos = (s.index[0].start or 0) // per_device
             if chunk_ids[pos] is not None:

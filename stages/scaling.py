@@ -36,12 +36,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stages.common import StageError, fail, write_json
+from stages.common import StageError, fail, write_json, write_tsv
 from stages.scaling_figures import plot_curves, plot_fid_vs, samples_grid
 
 OUT = Path("artifacts/scaling")
 METRICS = "artifacts/eval/metrics.json"
 CURVES = "artifacts/curves"
+# the columns of the printed table and of scaling.tsv
+TABLE_COLUMNS = ("name", "config", "params", "gflops", "train_compute", "steps", "fid", "sfid", "precision",
+                 "recall", "rfid", "fid_floor")
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 
 
@@ -264,27 +267,12 @@ def report(rows: list[dict], out: Path) -> tuple[dict, list[dict]]:
         "grid": grid,
     }
     write_json(out / "scaling.json", doc)
-    write_tsv(out / "scaling.tsv", ok)
+    write_tsv(out / "scaling.tsv", TABLE_COLUMNS, ok)  # dvc plots show artifacts/scaling/scaling.tsv -x gflops -y fid
     return doc, groups
 
 
-TSV_COLUMNS = ("name", "config", "params", "gflops", "train_compute", "steps", "fid", "sfid", "precision",
-               "recall", "rfid", "fid_floor")
-
-
-def write_tsv(path: Path, rows: list[dict]) -> None:
-    """The rows with metrics as a table `dvc plots show` reads:
-    dvc plots show artifacts/scaling/scaling.tsv -x gflops -y fid --template scatter"""
-    text = "\t".join(TSV_COLUMNS) + "\n" + "".join(
-        "\t".join("" if r.get(c) is None else str(r[c]) for c in TSV_COLUMNS) + "\n" for r in rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def print_table(rows: list[dict]) -> None:
-    cols = ["name", "config", "params", "gflops", "train_compute", "steps", "fid", "sfid", "precision",
-            "recall", "rfid", "fid_floor"]
+    cols = TABLE_COLUMNS
     fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     table = [cols] + [[fmt(r.get(c)) if r["status"] == "ok" or c == "name" else "" for c in cols]
                       + ([] if r["status"] == "ok" else [f"MISSING: {r['reason']}"]) for r in rows]
