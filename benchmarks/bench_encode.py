@@ -5,8 +5,14 @@ Both sides get the SD VAE config (sd-vae-ft-ema's shape) with the same random we
 (decode + encode; the Beam job also writes its shards). The Beam job is timed cold (its JIT compile
 included) and warm (XLA's persistent compilation cache filled by the cold run).
 
-Scaling: DirectRunner multi_processing with 1 and then 2 workers, each worker held to one thread
-(XLA_FLAGS single-threaded Eigen), warm cache; the ratio is 2 workers / 1.
+The job is run as the encode stage runs it by default (DirectRunner, 2 worker processes) and in one process
+(`in_memory`, 1 worker).
+
+Scaling: DirectRunner multi_processing with 1 and then 2 workers, each worker process pinned to a CPU of its
+own (worker k to the k-th CPU this process may use, through a `sitecustomize` hook keyed by Beam's WORKER_ID),
+warm cache; the ratio is 2 workers / 1. Pinning is what holds a worker to one thread: XLA:CPU sizes its thread
+pool by the CPUs a process may run on (`--xla_cpu_multi_thread_eigen=false` no longer changes it), so an
+unpinned worker uses every core and 2 workers would only share them.
 
     python benchmarks/bench_encode.py [--images 32] [--batch 8]
 """
@@ -24,8 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-ONE_THREAD = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
+PIN_HOOK = """import os
+if os.environ.get("BENCH_PIN_WORKERS") and os.environ.get("WORKER_ID", "").startswith("worker_"):
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[int(os.environ["WORKER_ID"].split("_")[1]) % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    with open(os.environ["BENCH_PIN_WORKERS"], "a") as f:
+        f.write(f"{os.environ['WORKER_ID']} {cpu}\\n")
+"""
 
 
 def cpu_model() -> str:
@@ -95,7 +108,7 @@ def beam_run(work: Path, items: list[tuple], batch: int, size: int, workers: int
     out.mkdir()
     t = time.perf_counter()
     # the scaling runs use worker processes even for 1 worker, so only the worker count differs
-    extra = ["--direct_running_mode=multi_processing"] if tag.startswith("w") else []
+    extra = ["--direct_running_mode=multi_processing"] if tag.startswith(("w", "stage")) else []
     shards, skipped = run(file_units(items, batch), str(work / "vae"), str(out), size, batch, 4, True,
                           "float32", "DirectRunner", workers, extra)
     assert not skipped and sum(s["records"] for s in shards) == 2 * len(items)
@@ -109,9 +122,11 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"img_s": beam_run(work, [tuple(i) for i in items], batch, size, workers, tag)}))
 
 
-def in_child(work: Path, batch: int, size: int, workers: int, tag: str, env: dict) -> float:
+def in_child(work: Path, batch: int, size: int, workers: int, tag: str, env: dict, hook: Path | None = None
+             ) -> float:
+    path = os.pathsep.join(str(p) for p in (hook, ROOT) if p)  # the hook first: its sitecustomize wins
     proc = subprocess.run([sys.executable, __file__, "--child", str(work), str(batch), str(size),
-                           str(workers), tag], env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                           str(workers), tag], env={**os.environ, **env, "PYTHONPATH": path},
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["img_s"]
 
@@ -138,12 +153,20 @@ def main() -> None:
         print(f"  Beam DirectRunner, cold      {cold:7.2f} img/s   ratio {cold / torch_ips:.2f}", flush=True)
         warm = in_child(work, b, s, 1, "warm", cache)
         print(f"  Beam DirectRunner, warm      {warm:7.2f} img/s   ratio {warm / torch_ips:.2f}", flush=True)
-        single = {**cache, **ONE_THREAD}
-        in_child(work, b, s, 1, "warmup-1t", single)  # fill the cache for the single-thread flags
-        one = in_child(work, b, s, 1, "w1", single)
-        print(f"scaling, one thread per worker: 1 worker {one:.2f} img/s", flush=True)
-        two = in_child(work, b, s, 2, "w2", single)
-        print(f"scaling, one thread per worker: 1 worker {one:.2f} img/s, 2 workers {two:.2f} img/s, "
+        stage = in_child(work, b, s, 2, "stage", cache)
+        print(f"  Beam DirectRunner, 2 workers {stage:7.2f} img/s   ratio {stage / torch_ips:.2f}"
+              "   (as the encode stage runs it)", flush=True)
+        (work / "hook").mkdir()
+        (work / "hook" / "sitecustomize.py").write_text(PIN_HOOK)
+        pin_log = work / "pinned.txt"
+        pinned = {**cache, **ONE_THREAD, "BENCH_PIN_WORKERS": str(pin_log)}
+        in_child(work, b, s, 1, "warmup-1t", pinned, work / "hook")  # the cache for a 1-CPU worker
+        one = in_child(work, b, s, 1, "w1", pinned, work / "hook")
+        print(f"scaling, one CPU per worker: 1 worker {one:.2f} img/s", flush=True)
+        pin_log.write_text("")
+        two = in_child(work, b, s, 2, "w2", pinned, work / "hook")
+        print(f"  pinned workers of the 2-worker run (WORKER_ID cpu): {sorted(pin_log.read_text().splitlines())}")
+        print(f"scaling, one CPU per worker: 1 worker {one:.2f} img/s, 2 workers {two:.2f} img/s, "
               f"ratio {two / one:.2f}")
 
 

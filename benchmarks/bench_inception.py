@@ -3,7 +3,7 @@ same images in the same run. Prints img/s for both and ours / torch (goal >= 1).
 
 Both do the same work per image: 299x299 uint8 -> (x - 128) / 128 -> the network -> pool_3 (ours also
 returns the mixed_6 spatial features, which cost nothing extra). Our compile time is reported apart.
-On CPU ours is compiled with `metrics.inception.CPU_OPTIONS` (XLA's Eigen convolutions instead of its
+On CPU ours is compiled with `dit.backend.CPU_OPTIONS` (XLA's Eigen convolutions instead of its
 YNNPACK ones); the line "XLA options" shows what was used.
 
 --onednn sets `--xla_cpu_use_onednn=true` before JAX starts (features stay bit-identical); on the shared
@@ -50,7 +50,8 @@ def main() -> None:
     import jax
     import torch
 
-    from metrics.inception import InceptionV3, cpu_compiler_options
+    from dit.backend import cpu_compiler_options
+    from metrics.inception import InceptionV3
 
     images = np.random.default_rng(0).integers(0, 256, (args.images, 299, 299, 3), dtype=np.uint8)
     b = args.batch_size

@@ -10,7 +10,7 @@ TF's average pooling that excludes padding, and mixed_10's max-pooled tower. Out
 Resize and network are two jitted functions so that the network compiles once per batch size, whatever
 the image size. Convolutions and the logits matmul use HIGHEST precision: accelerators would otherwise
 drop to TF32/bf16 and move FID. On CPU the network is compiled with XLA's Eigen convolutions rather than
-its YNNPACK ones (`cpu_compiler_options`): the same features, about twice the throughput.
+its YNNPACK ones (`dit.backend.conv_compiler_options`): the same features, about twice the throughput.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dit import backend
 from metrics import inception_weights
 from metrics.errors import MetricsInputError
 
@@ -185,33 +186,15 @@ def forward(params: dict, x: jax.Array) -> dict[str, jax.Array]:
     return out
 
 
-# XLA:CPU hands convolutions to YNNPACK by default; on Inception's convolutions (few channels, large
-# images) that runs at about half the speed of its Eigen convolutions (benchmarks/bench_inception.py),
-# with the same results to float32 rounding. Keeping YNNPACK for single dots only restores Eigen.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-@functools.cache
-def cpu_compiler_options() -> dict:
-    """CPU_OPTIONS if this XLA accepts them (the option is experimental), else {} (XLA's defaults)."""
-    try:
-        with jax.default_device(jax.devices("cpu")[0]):
-            jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
-    except Exception:  # an XLA without the option rejects it at compile time; defaults are correct too
-        return {}
-    return dict(CPU_OPTIONS)
-
-
 @functools.cache
 def _forward_for(platform: str, mesh: Mesh):
     """(resize, network), each mapped over the mesh's devices with shard_map: every device runs the
     single-device program on its own slice, so its compiled shapes are the per-device batch alone and a
     device's features do not depend on how many devices there are."""
-    options = cpu_compiler_options() if platform == "cpu" else {}
     rows = P("batch")
     prep = jax.jit(jax.shard_map(_preprocess, mesh=mesh, in_specs=rows, out_specs=rows))
     net = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), rows), out_specs=rows),
-                  compiler_options=options or None)
+                  compiler_options=backend.conv_compiler_options(platform))
     return prep, net
 
 

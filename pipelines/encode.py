@@ -57,11 +57,12 @@ class EncodeUnit(beam.DoFn):
     def setup(self):
         import jax
 
-        from dit import vae as vae_lib
+        from dit import backend, vae as vae_lib
 
         config, params = load_vae(self.vae_dir)
         model = vae_lib.AutoencoderKL(config)
-        self._encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode))
+        self._encode = jax.jit(lambda x: model.apply({"params": params}, x, method=model.encode),
+                               compiler_options=backend.conv_compiler_options())
 
     def process(self, unit):
         from pipelines.images import BadImage, decode_image

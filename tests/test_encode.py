@@ -52,7 +52,8 @@ def test_shards_hold_every_image_and_its_flip(encoded):
     index = json.loads((encoded / "artifacts/data/index.json").read_text())
     assert all(r["label"] == index["items"][r["index"]][1] for r in records)
 
-    # the stored moments are the VAE's encoding of the centre-cropped image and of its mirror
+    # the stored moments are the VAE's encoding of the centre-cropped image and of its mirror (to float
+    # rounding: the job runs another batch shape, compiled with dit.backend's CPU options)
     from stages.images import load_image
 
     config, params = vae_lib.load(encoded / "artifacts/vae")
@@ -62,8 +63,8 @@ def test_shards_hold_every_image_and_its_flip(encoded):
     mean, logvar = model.apply({"params": params}, x, method=model.encode)
     got = {r["flip"]: r for r in records if r["index"] == 5}
     for flip in (0, 1):
-        np.testing.assert_allclose(got[flip]["mean"], mean[flip], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[flip]["logvar"], logvar[flip], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[flip]["mean"], mean[flip], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[flip]["logvar"], logvar[flip], rtol=1e-5, atol=1e-5)
 
 
 def test_same_bytes_in_memory_and_multi_processing(encoded):

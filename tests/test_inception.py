@@ -94,21 +94,23 @@ def test_uint8_and_float_inputs_agree_and_batches_are_independent(inception):
 
 
 def test_cpu_compile_options_keep_the_features_and_fall_back_when_unknown(inception, monkeypatch):
-    """The CPU network is compiled with Eigen convolutions (CPU_OPTIONS) where this XLA knows the option;
-    an XLA that does not know it gets its defaults, with the same features to float32 rounding."""
+    """The CPU network is compiled with Eigen convolutions (dit.backend.CPU_OPTIONS) where this XLA knows
+    the option; an XLA that does not know it gets its defaults, with the same features to float32 rounding."""
+    from dit import backend
     from metrics import inception as mod
 
-    assert mod.cpu_compiler_options() == mod.CPU_OPTIONS  # this jax has the option: it is in use
+    assert backend.conv_compiler_options("cpu") == backend.CPU_OPTIONS  # this jax has the option: in use
+    assert backend.conv_compiler_options("gpu") is None
     images = smooth_images(np.random.default_rng(4), 2, 32)
     tuned = inception.features(images, batch_size=BATCH)
-    monkeypatch.setattr(mod, "CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
-    mod.cpu_compiler_options.cache_clear()
+    monkeypatch.setattr(backend, "CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    backend.cpu_compiler_options.cache_clear()
     mod._forward_for.cache_clear()
     try:
-        assert mod.cpu_compiler_options() == {}
+        assert backend.conv_compiler_options("cpu") is None
         plain = inception.features(images, batch_size=BATCH)
     finally:
-        mod.cpu_compiler_options.cache_clear()
+        backend.cpu_compiler_options.cache_clear()
         mod._forward_for.cache_clear()
     for k in ("pool_3", "spatial"):
         assert rel_err(tuned[k], plain[k]) < 1e-5

@@ -250,7 +250,10 @@ def test_stage_converts_a_pretrained_folder(workdir, tmp_path):
 @pytest.mark.slow
 def test_encode_parity_full_sd_config_at_256():
     """The posterior the encode job stores, at the SD VAE's full size (sd-vae-ft-ema's config, random
-    weights converted) on 256 px images: mean and std within 1e-4 relative of diffusers'."""
+    weights converted) on 256 px images: mean and std within 1e-4 relative of diffusers', compiled as the
+    job compiles it (dit.backend's CPU options: Eigen convolutions) and with XLA's defaults."""
+    from dit import backend
+
     tm = torch_vae(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
     config = VAEConfig.from_diffusers(dict(tm.config))
     params = vae_lib.convert_diffusers_state_dict(state_dict_np(tm), config)
@@ -259,7 +262,11 @@ def test_encode_parity_full_sd_config_at_256():
         dist = tm.encode(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).latent_dist
     t_mean, t_std = (t.numpy().transpose(0, 2, 3, 1) for t in (dist.mean, dist.std))
     model = AutoencoderKL(config)
-    mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode))(params, x)
-    assert mean.shape == (2, 32, 32, 4)
-    assert rel_err(mean, t_mean) < 1e-4
-    assert rel_err(np.exp(0.5 * np.asarray(logvar, np.float64)), t_std) < 1e-4
+    assert backend.conv_compiler_options() is not None  # on CPU with this jax: the job's options are in use
+    for options in (backend.conv_compiler_options(), None):
+        encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.encode),
+                         compiler_options=options)
+        mean, logvar = encode(params, x)
+        assert mean.shape == (2, 32, 32, 4)
+        assert rel_err(mean, t_mean) < 1e-4, options
+        assert rel_err(np.exp(0.5 * np.asarray(logvar, np.float64)), t_std) < 1e-4, options
