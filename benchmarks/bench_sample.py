@@ -31,8 +31,10 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from machine import pin_to_one_cpu  # noqa: E402
 
 SCALE = 1.5
 
@@ -156,7 +158,7 @@ def main(argv=None):
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
     args = ap.parse_args(argv)
     if args.single_thread:  # before jax and torch are imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)

@@ -12,9 +12,10 @@ trains: depth 4, hidden 128, 4 heads, patch 2, 8x8x4 latents, batch 64, 10 class
 The two sides are timed in alternating rounds (ours `steps` steps, then the peer's, `rounds` times)
 so that load from other processes on a shared machine hits both alike; the report gives each
 side's median and best round in wall time and its median process CPU time per step.
---single-thread runs both sides on one thread (XLA without its Eigen thread pool, torch with 1
-thread): a steadier comparison of the work each side does when other jobs share the machine. (`--xla_cpu_use_thunk_runtime=false` is no longer supported by the
-XLA in jax 0.10 -- it only prints a warning -- so no XLA flags are set here.)
+--single-thread pins the process to one CPU before jax and torch start (XLA then sizes its thread pool to
+one; torch gets 1 thread): a steadier comparison of the work each side does when other jobs share the
+machine. (`--xla_cpu_multi_thread_eigen=false` and `--xla_cpu_use_thunk_runtime=false` no longer change
+anything in the XLA of jax 0.10, so no XLA flags are set here.)
 
 --profile also breaks each side's step down by op class (attention core, layer norms, adaLN modulation,
 GELU, loss, AdamW, layout copies, ...): ours from XLA's own per-thunk trace (jax.profiler, the compiled
@@ -39,7 +40,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe  # noqa: E402
+from machine import describe, pin_to_one_cpu  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -384,7 +385,7 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also print the op-class profile of both sides")
     args = ap.parse_args(argv)
     if args.single_thread:  # before jax and torch are imported (they are imported lazily below)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)

@@ -21,3 +21,12 @@ def cpu_model() -> str:
 def describe() -> str:
     return (f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}, "
             f"Python {platform.python_version()}")
+
+
+def pin_to_one_cpu() -> int:
+    """Hold this process (and the threads XLA and torch start later) to one CPU; returns it. Call before
+    jax is imported: XLA:CPU sizes its thread pool by the CPUs a process may use, and
+    `--xla_cpu_multi_thread_eigen=false` no longer makes it single-threaded."""
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
