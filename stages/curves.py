@@ -43,6 +43,10 @@ def check_params(cfg: dict) -> None:
     samplers = cfg["samplers"]
     if not isinstance(samplers, list) or not all(isinstance(s, (str, int)) for s in samplers):
         fail(f"curves.samplers: expected a list of sampler names such as ['dpm++10', '50'], got {samplers!r}")
+    # names before any artifact is read: a bad one fails at once (learn_sigma does not change the parsing)
+    make_diffusion(str(cfg["train_sampler"]), False, "curves.train_sampler")
+    for s in samplers:
+        make_diffusion(str(s), False, "curves.samplers")
 
 
 def make_diffusion(spacing: str, learn_sigma: bool, param: str):
@@ -51,7 +55,7 @@ def make_diffusion(spacing: str, learn_sigma: bool, param: str):
     try:
         return create_diffusion(timestep_respacing=spacing, learn_sigma=learn_sigma)
     except (ValueError, KeyError) as e:
-        fail(f"{param}: {e}")
+        fail(f"{param}: {spacing!r} is not a sampler (N DDPM steps, 'ddimN' or 'dpm++N'): {e}")
 
 
 def generate(sampler, ema, vae_params, root, sample_cfg, n: int, per_device: int, mesh, num_classes: int):
@@ -163,7 +167,8 @@ def main(argv: list[str]) -> None:
               ("sampler", "sampling_steps", "sample_gflops_per_image", *COLUMNS), by_sampler)
     write_json(OUT / "curves.json", {
         "num_samples": cfg["num_samples"], "train_sampler": train_spacing, "final_step": final,
-        "cost": cost(config, ckpt_manifest, 1, guided) | {"sample_gflops_per_image": None},
+        # the model's cost; each point carries its own sampling Gflops
+        "cost": {k: v for k, v in cost(config, ckpt_manifest, 0, guided).items() if k != "sample_gflops_per_image"},
         "points": results,
         "reference_sha256": manifest.inputs["reference"],
         "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256}})

@@ -45,6 +45,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(workdir, args, needle):
     assert not (workdir / "artifacts").exists() or not any((workdir / "artifacts").iterdir())
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "curves.samplers=['dpm++10', 'bogus']"], "curves.samplers"),
+    (["--set", "curves.train_sampler=dpm++x"], "curves.train_sampler"),
+])
+def test_curves_names_a_bad_sampler_before_reading_artifacts(workdir, args, needle):
+    """No upstream artifacts exist here: the sampler names are checked first, in one line."""
+    proc = run_stage("curves", workdir, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "artifacts/" not in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize("stage", ["encode", "train", "sample", "reference", "evaluate"])
 def test_missing_upstream_is_named(workdir, stage):
     proc = run_stage(stage, workdir, check=False)
