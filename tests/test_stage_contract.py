@@ -1,7 +1,5 @@
 """The contract every stage keeps: declared params only, one-line errors with exit 2, atomic outputs."""
 
-import json
-from pathlib import Path
 
 import pytest
 import yaml
