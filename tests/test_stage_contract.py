@@ -1,6 +1,5 @@
 """The contract every stage keeps: declared params only, one-line errors with exit 2, atomic outputs."""
 
-
 import pytest
 import yaml
 
