@@ -4,7 +4,8 @@ DiT-S/2, 32x32x4 latents, batch 8 (16 model rows with CFG), CFG scale 1.5 on all
 N DDPM steps, decoding excluded. Both sides get the same random weights, built as the diffusers
 parity test builds them (tests/test_parity_diffusers.py: one random official-format state dict
 converted to ours and to diffusers'). Ours is jit(p_sample_loop) with DiT.forward_with_cfg -- the
-maths stages/sample.py runs, minus the VAE decode; the peer is the real DiTPipeline.__call__ with a
+maths stages/sample.py runs, minus the VAE decode, spread over params.yaml's `sample.cpu_devices` XLA:CPU
+devices as the stage spreads its chunks (`--devices 1`: one device); the peer is the real DiTPipeline.__call__ with a
 DDPMScheduler (linear betas, fixed-small variance as the pipeline drops the learned one) and its VAE
 decode stubbed out.
 
@@ -58,19 +59,24 @@ def weights(model_name, seed=0):
     return cfg, random_official_state_dict(cfg, seed=seed)
 
 
-def setup_ours(cfg, sd, batch, steps, compiler_options=None):
-    """Returns (lower s, compile s, run() -> final latents)."""
+def setup_ours(cfg, sd, batch, steps, devices=1, compiler_options=None):
+    """Returns (lower s, compile s, run() -> final latents). The batch is spread over `devices` CPU devices
+    (batch / devices samples each, under shard_map), as the sample stage spreads its chunks."""
     import jax
     import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec as P
 
     from dit import convert
     from dit.diffusion import create_diffusion
     from dit.models import DiT
 
+    if batch % devices:
+        raise SystemExit(f"--batch {batch} is not divisible by --devices {devices}")
     params = jax.device_put(convert.official_to_params(sd, cfg))
     model = DiT(cfg)
     d = create_diffusion(str(steps), learn_sigma=cfg.learn_sigma)
-    shape = (2 * batch, cfg.input_size, cfg.input_size, cfg.in_channels)
+    per = batch // devices
+    shape = (2 * per, cfg.input_size, cfg.input_size, cfg.in_channels)
 
     def sample(params, keys, labels):  # as stages/sample.py's chunk, without the VAE decode
         keys2 = jnp.concatenate([keys, keys])
@@ -79,12 +85,14 @@ def setup_ours(cfg, sd, batch, steps, compiler_options=None):
         def model_fn(x, t):
             return model.apply({"params": params}, x, t, y, SCALE, None, method=DiT.forward_with_cfg)
 
-        return d.p_sample_loop(model_fn, shape, keys2)[:batch]
+        return d.p_sample_loop(model_fn, shape, keys2)[:per]
 
     keys = jax.random.split(jax.random.key(0), batch)
     labels = jnp.arange(batch, dtype=jnp.int32) * 37 % cfg.num_classes
+    mesh = Mesh(np.asarray(jax.devices("cpu")[:devices]), ("d",))
+    spread = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P("d"))
     t0 = time.perf_counter()
-    lowered = jax.jit(sample, compiler_options=compiler_options).lower(params, keys, labels)
+    lowered = jax.jit(spread, compiler_options=compiler_options).lower(params, keys, labels)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -156,12 +164,23 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="DDPM steps")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="XLA:CPU devices ours spreads the batch over (default: params.yaml's sample.cpu_devices, "
+                         "as the sample stage does on CPU; 1 = one device)")
     args = ap.parse_args(argv)
+    if args.devices is None:
+        import yaml
+
+        with open(os.path.join(ROOT, "params.yaml")) as f:
+            args.devices = int(yaml.safe_load(f)["sample"]["cpu_devices"])
     if args.single_thread:  # before jax and torch are imported
         pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)
+    from dit.backend import set_cpu_devices
+
+    set_cpu_devices(args.devices)  # before any JAX work
     import jax
     import torch
 
@@ -169,7 +188,7 @@ def main(argv=None):
           f"decoding excluded; {args.rounds} rounds per side; CPU: {cpu_model()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__}, torch {torch.__version__}{', single thread' if args.single_thread else ''}")
     cfg, sd = weights(args.model)
-    lower_s, compile_s, ours = setup_ours(cfg, sd, args.batch, args.steps)
+    lower_s, compile_s, ours = setup_ours(cfg, sd, args.batch, args.steps, args.devices)
     peer, threads = setup_peer(cfg, sd, args.batch, args.steps)
     t0 = time.perf_counter()
     z_ours = np.asarray(ours())  # first call: the compiled program's first run
@@ -185,7 +204,8 @@ def main(argv=None):
     gflop = model_gflop(cfg, args.batch, args.steps)
     med = lambda v: float(np.median(v))
     stats = {}
-    for name, label in (("ours", f"ours (JAX/Flax jit(p_sample_loop + forward_with_cfg); lower {lower_s:.1f} s, "
+    split = f"{args.devices} XLA:CPU devices x {args.batch // args.devices}" if args.devices > 1 else "one device"
+    for name, label in (("ours", f"ours (JAX/Flax jit(p_sample_loop + forward_with_cfg), {split}; lower {lower_s:.1f} s, "
                                  f"compile {compile_s:.1f} s, first run {first_s:.1f} s)"),
                         ("peer", f"peer (diffusers DiTPipeline: DiTTransformer2DModel + DDPMScheduler, PyTorch, "
                                  f"{threads} threads)")):

@@ -12,6 +12,8 @@ trains: depth 4, hidden 128, 4 heads, patch 2, 8x8x4 latents, batch 64, 10 class
 The two sides are timed in alternating rounds (ours `steps` steps, then the peer's, `rounds` times)
 so that load from other processes on a shared machine hits both alike; the report gives each
 side's median and best round in wall time and its median process CPU time per step.
+Ours splits the batch over params.yaml's `train.cpu_devices` XLA:CPU devices (data parallel, parameters
+replicated), as the train stage does on CPU; `--devices 1` times the one-device program.
 --single-thread pins the process to one CPU before jax and torch start (XLA then sizes its thread pool to
 one; torch gets 1 thread): a steadier comparison of the work each side does when other jobs share the
 machine. (`--xla_cpu_multi_thread_eigen=false` and `--xla_cpu_use_thunk_runtime=false` no longer change
@@ -65,14 +67,17 @@ def row_label(spec, batch):
     return f"{name}, batch {batch}, {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents"
 
 
-def setup_ours(spec, batch, seed=0):
-    """Returns (compile seconds, run(n) -> seconds for n train steps, compiled HLO text)."""
+def setup_ours(spec, batch, devices=1, seed=0):
+    """Returns (compile seconds, run(n) -> seconds for n train steps, compiled HLO text). The batch is split
+    over `devices` CPU devices, parameters replicated: the train stage's data-parallel step on CPU."""
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from dit.diffusion import create_diffusion
     from dit.models import DiT, init_params
+    from dit.sharding import BATCH_AXES, make_mesh
 
     cfg = row_config(spec)
     model = DiT(cfg)
@@ -97,12 +102,17 @@ def setup_ours(spec, batch, seed=0):
             updates, s = opt.update(grads, s, p)
             return optax.apply_updates(p, updates), s, loss
 
+    mesh = make_mesh(devices=jax.devices("cpu")[:devices])
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(BATCH_AXES))
+    state["params"], state["opt"] = jax.device_put((state["params"], state["opt"]), rep)
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.standard_normal((batch, cfg.input_size, cfg.input_size, 4)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, cfg.num_classes, batch), jnp.int32)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((batch, cfg.input_size, cfg.input_size, 4)), jnp.float32),
+                       split)
+    y = jax.device_put(jnp.asarray(rng.integers(0, cfg.num_classes, batch), jnp.int32), split)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(state["params"], state["opt"], x, y, key).compile()
+    compiled = jax.jit(step, in_shardings=(rep, rep, split, split, None), out_shardings=(rep, rep, None),
+                       donate_argnums=(0, 1)).lower(state["params"], state["opt"], x, y, key).compile()
     compile_s = time.perf_counter() - t0
 
     def run(n):
@@ -336,10 +346,10 @@ def print_profile(ours, peer):
     print(f"    {'total':44s} {sum(ours.values()):8.1f}   {'total':52s} {sum(peer.values()):8.1f}")
 
 
-def bench_row(spec, batch, rounds, steps, profile=False):
+def bench_row(spec, batch, rounds, steps, devices, profile=False):
     cfg = row_config(spec)
     print(f"\n== {row_label(spec, batch)}; fwd+bwd+AdamW; {rounds} rounds x {steps} steps per side", flush=True)
-    compile_s, ours, hlo = setup_ours(spec, batch)
+    compile_s, ours, hlo = setup_ours(spec, batch, devices)
     peer, threads = setup_peer(spec, batch)
     ours(1), peer(1)  # warm-up
     rounds_ = {"ours": [], "peer": []}
@@ -349,7 +359,8 @@ def bench_row(spec, batch, rounds, steps, profile=False):
             rounds_[name].append((wall / steps, cpu / steps))
     med = lambda v: float(np.median(v))
     stats = {}
-    for name, label in (("ours", f"ours (JAX/Flax, jit; compile {compile_s:.1f} s)"),
+    split = f"batch split over {devices} XLA:CPU devices" if devices > 1 else "one XLA:CPU device"
+    for name, label in (("ours", f"ours (JAX/Flax, jit, {split}; compile {compile_s:.1f} s)"),
                         ("peer", f"peer (diffusers DiTTransformer2DModel, PyTorch, {threads} threads)")):
         wall = [w for w, _ in rounds_[name]]
         cpu = [c for _, c in rounds_[name]]
@@ -383,12 +394,23 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="steps per round and side (x10 on the default row)")
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
     ap.add_argument("--profile", action="store_true", help="also print the op-class profile of both sides")
+    ap.add_argument("--devices", type=int, default=None,
+                    help="XLA:CPU devices ours splits the batch over (default: params.yaml's train.cpu_devices, "
+                         "as the train stage runs on CPU; 1 = one device)")
     args = ap.parse_args(argv)
+    if args.devices is None:
+        import yaml
+
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "params.yaml")) as f:
+            args.devices = int(yaml.safe_load(f)["train"]["cpu_devices"])
     if args.single_thread:  # before jax and torch are imported (they are imported lazily below)
         pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)
+    from dit.backend import set_cpu_devices
+
+    set_cpu_devices(args.devices)  # before any JAX work
     print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
           f"both sides timed in alternating rounds", flush=True)
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "
@@ -397,7 +419,8 @@ def main(argv=None):
         spec, batch = ROWS[row]
         if row == "S2":
             spec, batch = args.model or spec, args.batch or batch
-        bench_row(spec, batch, args.rounds, args.steps * (10 if row == "default" else 1), args.profile)
+        bench_row(spec, batch, args.rounds, args.steps * (10 if row == "default" else 1), args.devices,
+                  args.profile)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ single dots only restores Eigen for convolutions. GPU and TPU get XLA's defaults
 Eigen's convolutions split their work by the size of XLA's thread pool, which follows the CPUs a process
 may run on: their last bits depend on the core count (not on the device or host count), one of the
 reasons bytes are promised only across runs on the same kind of machine (README, determinism).
+
+On CPU the train stage also splits each batch over several XLA:CPU devices (`set_cpu_devices`): XLA:CPU
+parallelises one program's small ops poorly across cores, and data parallelism over one device per core
+does better (the embedded default's step: 69 ms on one device, 45 ms on two, on 2 cores).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -35,3 +40,12 @@ def cpu_compiler_options() -> dict:
 def conv_compiler_options(platform: str | None = None) -> dict | None:
     """`compiler_options` for a top-level jax.jit of a convolutional network on `platform`."""
     return (cpu_compiler_options() or None) if (platform or jax.default_backend()) == "cpu" else None
+
+
+def set_cpu_devices(n: int) -> None:
+    """Make XLA:CPU present `n` devices. Call before any JAX work; it changes only the CPU backend (a
+    GPU/TPU host keeps its accelerators as the default devices). An explicit
+    --xla_force_host_platform_device_count in XLA_FLAGS (tests, a user) wins."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    jax.config.update("jax_num_cpu_devices", int(n))

@@ -26,7 +26,8 @@ FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders
 # Params that do not change the trained weights: how long (a longer run continues a shorter one), how
 # often to log or save, how the data is read, and the mesh (a preempted job may resume on another slice;
 # only the order of floating-point sums across devices differs).
-RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "peak_tflops")
+RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "cpu_devices",
+                  "peak_tflops")
 
 
 # ------------------------------------------------------------------------------------- the fingerprint

@@ -54,7 +54,7 @@ def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_clas
 
 
 def check_params(cfg: dict, num_classes: int | None = None) -> None:
-    for key in ("num_samples", "batch_size", "grid_per_class"):
+    for key in ("num_samples", "batch_size", "grid_per_class", "cpu_devices"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["cfg_scale"], (int, float)) or cfg["cfg_scale"] < 1.0:
@@ -188,11 +188,13 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     from dit import vae as vae_lib
+    from dit.backend import set_cpu_devices
     from dit.diffusion import create_diffusion
     from dit.models import DiT, DiTConfig
     from dit.sharding import batch_sharding, make_mesh
     from stages import checkpoint
 
+    set_cpu_devices(cfg["cpu_devices"])  # before any JAX work; only the CPU backend; bytes do not depend on it
     init_distributed()
     primary = jax.process_index() == 0
 

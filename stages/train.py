@@ -51,7 +51,7 @@ def check_params(cfg: dict) -> None:
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    for key in ("steps", "global_batch_size", "log_every", "ckpt_every"):
+    for key in ("steps", "global_batch_size", "log_every", "ckpt_every", "cpu_devices"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             fail(f"train.{key}: expected a positive integer, got {cfg[key]!r}")
     keep = cfg["keep_every"]
@@ -164,6 +164,7 @@ def main(argv: list[str]) -> None:
     import jax
     from jax.experimental import multihost_utils
 
+    from dit.backend import set_cpu_devices
     from dit.diffusion import create_diffusion
     from dit.flops import count_flops
     from dit.models import DiT, init_params
@@ -172,6 +173,7 @@ def main(argv: list[str]) -> None:
     from stages.preemption import Preemption
     from stages.train_log import NonFinite, TrainLog, peak_tflops
 
+    set_cpu_devices(cfg["cpu_devices"])  # before any JAX work; only the CPU backend
     init_distributed()
     config = model_config(cfg, latents)
     try:

@@ -84,6 +84,18 @@ def test_same_bytes_on_any_device_count(trained, baseline, n_dev):
     assert digest == baseline[0]
 
 
+def test_cpu_devices_param_spreads_chunks_with_the_same_bytes(trained, baseline):
+    """With no device count in XLA_FLAGS, sample.cpu_devices sets the CPU devices: a speed knob only."""
+    shutil.rmtree(trained / "artifacts/.sample-work")
+    env = {"XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)}
+    sample(trained, "--set", "sample.cpu_devices=3", env=env)
+    digest, m = outputs(trained)
+    assert m["devices"] == 3 and m["counts"]["chunks_computed"] == 3
+    assert digest == baseline[0]
+    bad = sample(trained, "--set", "sample.cpu_devices=0", env=env, check=False)
+    assert bad.returncode == 2 and "sample.cpu_devices" in bad.stderr
+
+
 def test_rerun_reuses_every_chunk_and_more_samples_extend_them(trained, baseline):
     sample(trained)
     digest, m = outputs(trained)

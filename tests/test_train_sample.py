@@ -88,6 +88,21 @@ def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, tr
     np.testing.assert_allclose([r["loss"] for r in log8], [r["loss"] for r in log1], rtol=1e-4)
 
 
+def test_cpu_devices_split_the_batch_on_cpu(latents, trained, tmp_path):
+    """train.cpu_devices sets how many XLA:CPU devices the stage splits each batch over (no XLA_FLAGS
+    device count given); the maths is the same, so the losses match one device's within the tolerance."""
+    import os
+
+    first, log1 = trained
+    env = {"XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                 if "device_count" not in f)}
+    four, log4 = train(fresh_copy(latents, tmp_path / "four"), env, "--set", "train.cpu_devices=4")
+    assert four["devices"] == 4 and four["mesh"] == {"data": 4, "fsdp": 1}
+    np.testing.assert_allclose([r["loss"] for r in log4], [r["loss"] for r in log1], rtol=1e-4)
+    bad = run_stage("train", latents, *TRAIN, "--set", "train.cpu_devices=0", env=env, check=False)
+    assert bad.returncode == 2 and "train.cpu_devices" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def run_two_hosts(stage, wd, *args, env=None):
     """`python -m stages.<stage>` as two JAX processes on loopback (gloo), one CPU device each."""
     for attempt in range(2):
