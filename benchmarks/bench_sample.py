@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from machine import pin_to_one_cpu  # noqa: E402
+from machine import pin_to_one_cpu, stage_cpu_devices  # noqa: E402
 
 SCALE = 1.5
 
@@ -168,19 +168,12 @@ def main(argv=None):
                     help="XLA:CPU devices ours spreads the batch over (default: params.yaml's sample.cpu_devices, "
                          "as the sample stage does on CPU; 1 = one device)")
     args = ap.parse_args(argv)
-    if args.devices is None:
-        import yaml
-
-        with open(os.path.join(ROOT, "params.yaml")) as f:
-            args.devices = int(yaml.safe_load(f)["sample"]["cpu_devices"])
     if args.single_thread:  # before jax and torch are imported
         pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)
-    from dit.backend import set_cpu_devices
-
-    set_cpu_devices(args.devices)  # before any JAX work
+    args.devices = stage_cpu_devices("sample", args.devices)  # before any JAX work
     import jax
     import torch
 

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe, pin_to_one_cpu  # noqa: E402
+from machine import describe, pin_to_one_cpu, stage_cpu_devices  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -398,19 +398,12 @@ def main(argv=None):
                     help="XLA:CPU devices ours splits the batch over (default: params.yaml's train.cpu_devices, "
                          "as the train stage runs on CPU; 1 = one device)")
     args = ap.parse_args(argv)
-    if args.devices is None:
-        import yaml
-
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "params.yaml")) as f:
-            args.devices = int(yaml.safe_load(f)["train"]["cpu_devices"])
     if args.single_thread:  # before jax and torch are imported (they are imported lazily below)
         pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)
-    from dit.backend import set_cpu_devices
-
-    set_cpu_devices(args.devices)  # before any JAX work
+    args.devices = stage_cpu_devices("train", args.devices)  # before any JAX work
     print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
           f"both sides timed in alternating rounds", flush=True)
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "

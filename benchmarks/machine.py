@@ -30,3 +30,17 @@ def pin_to_one_cpu() -> int:
     cpu = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpu})
     return cpu
+
+
+def stage_cpu_devices(stage: str, devices: int | None = None) -> int:
+    """Make XLA:CPU present `devices` devices, or as many as params.yaml's `<stage>.cpu_devices` (what the
+    stage runs on CPU); returns the count. Call after pin_to_one_cpu and before any JAX work."""
+    if devices is None:
+        import yaml
+
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "params.yaml")) as f:
+            devices = int(yaml.safe_load(f)[stage]["cpu_devices"])
+    from dit.backend import set_cpu_devices
+
+    set_cpu_devices(devices)
+    return devices

@@ -10,9 +10,10 @@ Eigen's convolutions split their work by the size of XLA's thread pool, which fo
 may run on: their last bits depend on the core count (not on the device or host count), one of the
 reasons bytes are promised only across runs on the same kind of machine (README, determinism).
 
-On CPU the train stage also splits each batch over several XLA:CPU devices (`set_cpu_devices`): XLA:CPU
-parallelises one program's small ops poorly across cores, and data parallelism over one device per core
-does better (the embedded default's step: 69 ms on one device, 45 ms on two, on 2 cores).
+On CPU the train and sample stages also split their work over several XLA:CPU devices
+(`set_cpu_devices`): XLA:CPU parallelises one program's small ops poorly across cores, and data
+parallelism over one device per core does better (the embedded default's step: 69 ms on one device,
+45 ms on two, on 2 cores).
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def without_device_count() -> dict:
+    """An env update that drops any --xla_force_host_platform_device_count, so a stage's own
+    `cpu_devices` param sets the CPU devices."""
+    return {"XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)}
+
+
 def run_stage(stage: str, cwd: Path, *args: str, env: dict | None = None, check: bool = True,
               timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m stages.<stage>` in `cwd` (a copy of the project's params.yaml/dvc.yaml)."""

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage, without_device_count
 from test_train_sample import latents  # noqa: F401  (the module fixture)
 
 ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -87,7 +87,7 @@ def test_same_bytes_on_any_device_count(trained, baseline, n_dev):
 def test_cpu_devices_param_spreads_chunks_with_the_same_bytes(trained, baseline):
     """With no device count in XLA_FLAGS, sample.cpu_devices sets the CPU devices: a speed knob only."""
     shutil.rmtree(trained / "artifacts/.sample-work")
-    env = {"XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)}
+    env = without_device_count()
     sample(trained, "--set", "sample.cpu_devices=3", env=env)
     digest, m = outputs(trained)
     assert m["devices"] == 3 and m["counts"]["chunks_computed"] == 3

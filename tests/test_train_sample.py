@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_stage
+from conftest import run_stage, without_device_count
 from test_encode import tiny_vae
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -91,11 +91,8 @@ def test_train_same_bytes_twice_and_close_on_eight_devices_with_fsdp(latents, tr
 def test_cpu_devices_split_the_batch_on_cpu(latents, trained, tmp_path):
     """train.cpu_devices sets how many XLA:CPU devices the stage splits each batch over (no XLA_FLAGS
     device count given); the maths is the same, so the losses match one device's within the tolerance."""
-    import os
-
     first, log1 = trained
-    env = {"XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                 if "device_count" not in f)}
+    env = without_device_count()
     four, log4 = train(fresh_copy(latents, tmp_path / "four"), env, "--set", "train.cpu_devices=4")
     assert four["devices"] == 4 and four["mesh"] == {"data": 4, "fsdp": 1}
     np.testing.assert_allclose([r["loss"] for r in log4], [r["loss"] for r in log1], rtol=1e-4)
