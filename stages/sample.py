@@ -57,6 +57,8 @@ def check_params(cfg: dict, num_classes: int | None = None) -> None:
     for key in ("num_samples", "batch_size", "grid_per_class", "cpu_devices"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
+    if not isinstance(cfg["batch_invariant"], bool):
+        fail(f"sample.batch_invariant: expected true or false, got {cfg['batch_invariant']!r}")
     if not isinstance(cfg["cfg_scale"], (int, float)) or cfg["cfg_scale"] < 1.0:
         fail(f"sample.cfg_scale: expected a number >= 1, got {cfg['cfg_scale']!r}")
     if cfg["labels"] not in LABELS:
@@ -116,7 +118,8 @@ def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform
     code = hashlib.sha256()
     for rel in RESULT_CODE:
         code.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
-    keys = ("seed", "num_sampling_steps", "cfg_scale", "guided_channels", "batch_size", "labels", "classes")
+    keys = ("seed", "num_sampling_steps", "cfg_scale", "guided_channels", "batch_size", "batch_invariant",
+            "labels", "classes")
     return {"root_seed": seed, **{f"sample.{k}": cfg[k] for k in keys}, "ema_sha256": ema_sha256,
             "vae_sha256": vae_sha256, "code_sha256": code.hexdigest(), "jax": jax.__version__,
             "platform": platform}
@@ -125,7 +128,9 @@ def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform
 def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
     """jit(shard_map(one device's chunk)): (EMA, VAE params, raw keys (D*B, 2), labels (D*B,)) -> uint8
     images. The weights are arguments, not closure constants: baked-in weights would be copied into the
-    program (hundreds of MB of HLO for the SD VAE) and slow its compile."""
+    program (hundreds of MB of HLO for the SD VAE) and slow its compile. With `sample.batch_invariant` a
+    device runs its chunk one sample at a time (lax.map of the one-sample program, denoising and decoding):
+    every kernel then has one shape whatever `batch_size`, so the bytes do not depend on it either."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -156,8 +161,16 @@ def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
         z = z[:keys.shape[0]] / scale
         return to_uint8(vae.apply({"params": vae_params}, z, method=vae.decode))
 
+    def one_at_a_time(ema, vae_params, key_data, labels):
+        def one(args):
+            k, y = args
+            return chunk(ema, vae_params, k[None], y[None])[0]
+
+        return jax.lax.map(one, (key_data, labels))
+
     rows = P(BATCH_AXES)
-    return jax.jit(jax.shard_map(chunk, mesh=mesh, in_specs=(P(), P(), rows, rows), out_specs=rows))
+    body = one_at_a_time if cfg["batch_invariant"] else chunk
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), rows, rows), out_specs=rows))
 
 
 def cost(config, ckpt_manifest: dict, sampling_steps: int, guided: bool) -> dict:
@@ -309,7 +322,8 @@ def main(argv: list[str]) -> None:
                 "checkpoint_step": int(step), "ema_sha256": ema_hash,
                 "sampler": {"respacing": spacing, "kind": diffusion.sampler_kind,
                             "cfg_scale": cfg["cfg_scale"], "guided_channels": guided,
-                            "labels": cfg["labels"], "per_device_batch": per_device},
+                            "labels": cfg["labels"], "per_device_batch": per_device,
+                            "batch_invariant": cfg["batch_invariant"]},
                 "chunks_recomputed": problems,
                 "cost": cost(config, ckpt_manifest, diffusion.num_timesteps, cfg["cfg_scale"] > 1.0),
                 "classes": info["classes"], "devices": jax.device_count(),

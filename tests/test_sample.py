@@ -120,6 +120,60 @@ def test_another_per_device_batch_is_close(trained, baseline):
     assert diff.max() <= 2 and (diff > 0).mean() < 0.01
 
 
+def test_batch_invariant_runs_in_the_stage(trained):
+    """sample.batch_invariant through the stage: batch_size 8 on one device and 5 on two give the same
+    samples.npz, and a bad value is one line. (At this tiny width the batched program happens to agree
+    too; the next test is the one whose batched counterpart differs.)"""
+    on = ["--set", "sample.batch_invariant=true"]
+    sample(trained, *on, "--set", "sample.batch_size=8")
+    eight, m = outputs(trained)
+    assert m["counts"] == {"samples": 12, "chunks": 2, "chunks_reused": 0, "chunks_computed": 2}
+    assert m["sampler"]["batch_invariant"] is True
+    sample(trained, *on, "--set", "sample.batch_size=5", env=devices(2))
+    five, m = outputs(trained)
+    assert m["counts"]["chunks"] == 3 and m["devices"] == 2 and five == eight
+    bad = sample(trained, "--set", "sample.batch_invariant=maybe", check=False)
+    assert bad.returncode == 2 and "sample.batch_invariant" in bad.stderr
+
+
+def test_batch_invariant_sampler_gives_the_same_bytes_for_batch_8_and_5():
+    """build_sampler's one-sample-at-a-time program on a width-128 DiT (the embedded default's width) and
+    a tiny VAE: 16 samples made in chunks of 8 and of 5 are the same uint8 bytes. The batched program
+    runs other GEMM shapes per batch size, and here (XLA:CPU, AMD EPYC) its bytes differ in a few values."""
+    import jax
+    import jax.numpy as jnp
+
+    from dit import vae as vae_lib
+    from dit.diffusion import create_diffusion
+    from dit.models import DiT, DiTConfig
+    from dit.sharding import batch_sharding, make_mesh
+    from stages.sample import build_sampler, run_sampler
+
+    config = DiTConfig(input_size=8, hidden_size=128, depth=2, num_heads=4, num_classes=10)
+    model = DiT(config)
+    zeros = jnp.zeros((2,), jnp.int32)
+    params = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 4)), zeros, zeros)["params"]
+    leaves, tree = jax.tree.flatten(params)  # off the zero init, so every layer matters
+    noise = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)])
+    vae_config = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+                                   norm_num_groups=4, scaling_factor=0.5)
+    vae = vae_lib.AutoencoderKL(vae_config)
+    vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jax.random.key(1))["params"]
+    diffusion = create_diffusion(timestep_respacing="4", learn_sigma=True)
+    mesh = make_mesh(-1, 1, jax.devices()[:1])
+    cfg = {"cfg_scale": 4.0, "guided_channels": 3, "batch_invariant": True, "labels": "balanced", "classes": None}
+    sampler = build_sampler(model, vae, diffusion, cfg, 0.5, (8, 8, 4), mesh)
+    root = jax.random.key(3)
+    made = {}
+    for b in (8, 5):
+        chunks = [run_sampler(sampler, params, vae_params, root, cfg, np.arange(lo, lo + b), batch_sharding(mesh),
+                              10)[0] for lo in range(0, 16, b)]
+        made[b] = np.concatenate([np.asarray(c) for c in chunks])[:16]
+    assert made[8].std() > 0
+    np.testing.assert_array_equal(made[8], made[5])
+
+
 @pytest.mark.parametrize("spacing, kind", [("ddim3", "ddim"), ("dpm++3", "dpm++2m")])
 def test_every_sampler_runs_in_the_stage(trained, spacing, kind):
     sample(trained, "--set", f"sample.num_sampling_steps={spacing}")
