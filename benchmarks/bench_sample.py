@@ -59,9 +59,10 @@ def weights(model_name, seed=0):
     return cfg, random_official_state_dict(cfg, seed=seed)
 
 
-def setup_ours(cfg, sd, batch, steps, devices=1, compiler_options=None):
+def setup_ours(cfg, sd, batch, steps, devices=1, compiler_options=None, one_at_a_time=False):
     """Returns (lower s, compile s, run() -> final latents). The batch is spread over `devices` CPU devices
-    (batch / devices samples each, under shard_map), as the sample stage spreads its chunks."""
+    (batch / devices samples each, under shard_map), as the sample stage spreads its chunks; with
+    `one_at_a_time` each device loops over its samples (lax.map), as `sample.batch_invariant` runs them."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, PartitionSpec as P
@@ -75,17 +76,22 @@ def setup_ours(cfg, sd, batch, steps, devices=1, compiler_options=None):
     params = jax.device_put(convert.official_to_params(sd, cfg))
     model = DiT(cfg)
     d = create_diffusion(str(steps), learn_sigma=cfg.learn_sigma)
-    per = batch // devices
-    shape = (2 * per, cfg.input_size, cfg.input_size, cfg.in_channels)
 
     def sample(params, keys, labels):  # as stages/sample.py's chunk, without the VAE decode
+        shape = (2 * keys.shape[0], cfg.input_size, cfg.input_size, cfg.in_channels)
         keys2 = jnp.concatenate([keys, keys])
         y = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
 
         def model_fn(x, t):
             return model.apply({"params": params}, x, t, y, SCALE, None, method=DiT.forward_with_cfg)
 
-        return d.p_sample_loop(model_fn, shape, keys2)[:per]
+        return d.p_sample_loop(model_fn, shape, keys2)[:keys.shape[0]]
+
+    if one_at_a_time:
+        batched = sample
+
+        def sample(params, keys, labels):
+            return jax.lax.map(lambda a: batched(params, a[0][None], a[1][None])[0], (keys, labels))
 
     keys = jax.random.split(jax.random.key(0), batch)
     labels = jnp.arange(batch, dtype=jnp.int32) * 37 % cfg.num_classes
@@ -167,6 +173,8 @@ def main(argv=None):
     ap.add_argument("--devices", type=int, default=None,
                     help="XLA:CPU devices ours spreads the batch over (default: params.yaml's sample.cpu_devices, "
                          "as the sample stage does on CPU; 1 = one device)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="ours runs each device's samples one at a time, as sample.batch_invariant: true")
     args = ap.parse_args(argv)
     if args.single_thread:  # before jax and torch are imported
         pin_to_one_cpu()
@@ -181,7 +189,8 @@ def main(argv=None):
           f"decoding excluded; {args.rounds} rounds per side; CPU: {cpu_model()}, {os.cpu_count()} cores; "
           f"jax {jax.__version__}, torch {torch.__version__}{', single thread' if args.single_thread else ''}")
     cfg, sd = weights(args.model)
-    lower_s, compile_s, ours = setup_ours(cfg, sd, args.batch, args.steps, args.devices)
+    lower_s, compile_s, ours = setup_ours(cfg, sd, args.batch, args.steps, args.devices,
+                                          one_at_a_time=args.batch_invariant)
     peer, threads = setup_peer(cfg, sd, args.batch, args.steps)
     t0 = time.perf_counter()
     z_ours = np.asarray(ours())  # first call: the compiled program's first run
@@ -198,6 +207,7 @@ def main(argv=None):
     med = lambda v: float(np.median(v))
     stats = {}
     split = f"{args.devices} XLA:CPU devices x {args.batch // args.devices}" if args.devices > 1 else "one device"
+    split += ", one sample at a time (batch_invariant)" if args.batch_invariant else ""
     for name, label in (("ours", f"ours (JAX/Flax jit(p_sample_loop + forward_with_cfg), {split}; lower {lower_s:.1f} s, "
                                  f"compile {compile_s:.1f} s, first run {first_s:.1f} s)"),
                         ("peer", f"peer (diffusers DiTPipeline: DiTTransformer2DModel + DDPMScheduler, PyTorch, "
