@@ -37,22 +37,30 @@ def attention_impl(backend: str | None = None) -> str:
 
 
 def _forward(q, k, v, bias):
+    """softmax(q k^T / sqrt(D) + bias) v with the normalisation after the second matmul: p = exp(logits -
+    rowmax) unnormalised, out = (p v) / rowsum(p). Dividing the (T, D) output instead of the (T, T) weights
+    saves a pass over the weights (~1.7x faster core on XLA:CPU at DiT-S/2's shapes). Returns (out, p, s)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    w = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bhkd->bhqd", w.astype(v.dtype), v), w
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    s = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / s
+    return out.astype(v.dtype), p, s
 
 
-def _backward(q, k, v, w, dout):
-    """The softmax-attention backward written out: dv = w^T dout, dlogits = w * (dw - rowsum(dw * w))
-    with dw = dout v^T; four batched matmuls and one elementwise pass over the (T, T) weights, where
-    autodiff of the forward adds transposes and a second pass for the softmax."""
+def _backward(q, k, v, p, s, dout):
+    """The softmax-attention backward written out from the unnormalised p and its row sums s, w = p / s
+    never materialised: with g = dout / s (a (T, D) scaling), dv = p^T g, dw' = g v^T (= dw / s), and
+    dlogits = w * (dw - rowsum(dw * w)) = p * (dw' - rowsum(dw' * p) / s). Four batched matmuls and one
+    elementwise pass over the (T, T) weights, where autodiff of the forward adds transposes and a second
+    pass for the softmax."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dv = jnp.einsum("bhqk,bhqd->bhkd", w.astype(v.dtype), dout)
-    dw = jnp.einsum("bhqd,bhkd->bhqk", dout, v, preferred_element_type=jnp.float32)
-    dlogits = w * (dw - jnp.sum(dw * w, axis=-1, keepdims=True))
+    g = (dout.astype(jnp.float32) / s).astype(v.dtype)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), g)
+    dw = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=jnp.float32)
+    dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True) / s)
     ds = (dlogits * scale).astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
     dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
@@ -65,8 +73,8 @@ def _core(q, k, v):
 
 
 def _core_fwd(q, k, v):
-    out, w = _forward(q, k, v, None)
-    return out, (q, k, v, w)
+    out, p, s = _forward(q, k, v, None)
+    return out, (q, k, v, p, s)
 
 
 def _core_bwd(res, dout):
@@ -82,13 +90,13 @@ def _core_bias(q, k, v, bias):
 
 
 def _core_bias_fwd(q, k, v, bias):
-    out, w = _forward(q, k, v, bias)
-    return out, (q, k, v, w, bias)
+    out, p, s = _forward(q, k, v, bias)
+    return out, (q, k, v, p, s, bias)
 
 
 def _core_bias_bwd(res, dout):
-    q, k, v, w, bias = res
-    dq, dk, dv, dlogits = _backward(q, k, v, w, dout)
+    q, k, v, p, s, bias = res
+    dq, dk, dv, dlogits = _backward(q, k, v, p, s, dout)
     return dq, dk, dv, jnp.sum(dlogits, axis=0).astype(bias.dtype)
 
 
@@ -97,8 +105,9 @@ _core_bias.defvjp(_core_bias_fwd, _core_bias_bwd)
 
 def attention_core(q, k, v, bias=None):
     """Heads-major core: q, k, v (B, H, T, D), bias (H, T, T) or None -> (B, H, T, D).
-    Logits and softmax in float32 (as jax.nn.dot_product_attention does), with a hand-written backward
-    (custom VJP; the forward is the same ops, so the same bytes, as the plain formulation)."""
+    Logits and softmax in float32 (as jax.nn.dot_product_attention does), normalised after the second
+    matmul, with a hand-written backward (custom VJP; training's forward and sampling's are the same ops,
+    so the same bytes)."""
     return _core(q, k, v) if bias is None else _core_bias(q, k, v, bias)
 
 
