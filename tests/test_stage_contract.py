@@ -85,6 +85,54 @@ def test_every_stage_declares_its_code_and_params():
             common._get(params, key)  # every declared key exists in params.yaml
 
 
+def _project_imports(path, module_level_only):
+    """Project modules (stages, dit, metrics, pipelines) that a file imports, as repo-relative paths."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if module_level_only else ast.walk(tree)
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            rel = name.replace(".", "/") + ".py"
+            if name.split(".")[0] in ("stages", "dit", "metrics", "pipelines") and (ROOT / rel).is_file():
+                found.add(rel)
+    return found
+
+
+def test_every_stage_lists_the_code_it_runs():
+    """dvc repro reruns a stage when its code changes only if that code is a dep: the project modules the
+    stage's own module imports (anywhere in it), and what every listed module imports at its top."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in spec.items():
+        deps = set(stage["deps"])
+        need = _project_imports(ROOT / f"stages/{name}.py", module_level_only=False)
+        todo = [d for d in deps | need if d.endswith(".py")]
+        while todo:
+            more = _project_imports(ROOT / todo.pop(), module_level_only=True) - need
+            need |= more
+            todo += list(more)
+        missing = sorted(m for m in need - deps if not m.endswith("__init__.py"))
+        assert not missing, f"dvc.yaml stage {name}: deps miss {missing}"
+
+
+def test_sample_chunks_are_keyed_by_all_the_model_code():
+    """A finished sample chunk is reused only if the code that made it is unchanged: RESULT_CODE holds
+    every dit module its modules import at their top (dit/attention.py was once missing)."""
+    from stages.sample import RESULT_CODE
+
+    code = set(RESULT_CODE)
+    for rel in RESULT_CODE:
+        missing = {m for m in _project_imports(ROOT / rel, module_level_only=True) if m.startswith("dit/")} - code
+        assert not missing, f"{rel} imports {sorted(missing)}, not in stages/sample.py RESULT_CODE"
+
+
 def test_tree_hash_is_canonical():
     import numpy as np
 
