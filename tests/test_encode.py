@@ -13,11 +13,16 @@ from dit import vae as vae_lib
 from pipelines.encode import decode_record
 
 
-def tiny_vae(folder: Path) -> vae_lib.VAEConfig:
+def tiny_vae_params():
+    """(config, params) of a 2-level VAE (16 px images -> 8x8x4 latents) at its random init."""
     config = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
                                norm_num_groups=4, scaling_factor=0.5)
     x = jnp.zeros((1, 16, 16, 3))
-    params = vae_lib.AutoencoderKL(config).init(jax.random.key(0), x, jax.random.key(1))["params"]
+    return config, vae_lib.AutoencoderKL(config).init(jax.random.key(0), x, jax.random.key(1))["params"]
+
+
+def tiny_vae(folder: Path) -> vae_lib.VAEConfig:
+    config, params = tiny_vae_params()
     vae_lib.save(folder, config, params)
     (folder / "manifest.json").write_text("{}")
     return config

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_stage, without_device_count
+from test_encode import tiny_vae_params
 from test_train_sample import latents  # noqa: F401  (the module fixture)
 
 ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -156,19 +157,17 @@ def test_batch_invariant_sampler_gives_the_same_bytes_for_batch_8_and_5():
     leaves, tree = jax.tree.flatten(params)  # off the zero init, so every layer matters
     noise = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)])
-    vae_config = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
-                                   norm_num_groups=4, scaling_factor=0.5)
+    vae_config, vae_params = tiny_vae_params()
     vae = vae_lib.AutoencoderKL(vae_config)
-    vae_params = vae.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jax.random.key(1))["params"]
     diffusion = create_diffusion(timestep_respacing="4", learn_sigma=True)
     mesh = make_mesh(-1, 1, jax.devices()[:1])
     cfg = {"cfg_scale": 4.0, "guided_channels": 3, "batch_invariant": True, "labels": "balanced", "classes": None}
     sampler = build_sampler(model, vae, diffusion, cfg, 0.5, (8, 8, 4), mesh)
-    root = jax.random.key(3)
+    root, shard = jax.random.key(3), batch_sharding(mesh)
     made = {}
     for b in (8, 5):
-        chunks = [run_sampler(sampler, params, vae_params, root, cfg, np.arange(lo, lo + b), batch_sharding(mesh),
-                              10)[0] for lo in range(0, 16, b)]
+        chunks = [run_sampler(sampler, params, vae_params, root, cfg, np.arange(lo, lo + b), shard, 10)[0]
+                  for lo in range(0, 16, b)]
         made[b] = np.concatenate([np.asarray(c) for c in chunks])[:16]
     assert made[8].std() > 0
     np.testing.assert_array_equal(made[8], made[5])
