@@ -102,8 +102,40 @@ class VAEConfig:
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def _conv(features: int, name: str, kernel: int = 3, stride: int = 1, pad: int | None = None) -> nn.Conv:
+MIN_CONV_FEATURES = 16
+
+
+class NarrowConv(nn.Module):
+    """nn.Conv (same params, same initialisers) for convolutions with fewer than MIN_CONV_FEATURES output
+    channels, run with the kernel zero-padded to MIN_CONV_FEATURES outputs and the result sliced back.
+
+    XLA:CPU picks among several paths for a convolution with 3 or 4 output channels at run time, and which
+    one it takes follows the number of XLA:CPU devices in the process: the decoder's conv_out gave one set
+    of bytes on 1, 2 and 4 devices, another on 3 and 5, a third on 8. Padded to 8 and to 32 output
+    channels it gave one set of bytes on all of them (the padding adds zeros only, so the maths is the
+    same). This is what keeps decoded samples the same bytes on any device count."""
+
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    pad: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        k, f = self.kernel_size, self.features
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], f), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (f,), jnp.float32)
+        wide = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, max(MIN_CONV_FEATURES - f, 0))))
+        y = jax.lax.conv_general_dilated(x, wide.astype(x.dtype), (self.stride, self.stride),
+                                         ((self.pad, self.pad), (self.pad, self.pad)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y[..., :f] + bias.astype(x.dtype)
+
+
+def _conv(features: int, name: str, kernel: int = 3, stride: int = 1, pad: int | None = None) -> nn.Module:
     pad = kernel // 2 if pad is None else pad
+    if features < MIN_CONV_FEATURES:
+        return NarrowConv(features, kernel, stride, pad, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                    name=name)
 
@@ -252,8 +284,8 @@ class AutoencoderKL(nn.Module):
         cfg = self.config
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv(2 * cfg.latent_channels, (1, 1))
-        self.post_quant_conv = nn.Conv(cfg.latent_channels, (1, 1))
+        self.quant_conv = _conv(2 * cfg.latent_channels, "quant_conv", kernel=1)
+        self.post_quant_conv = _conv(cfg.latent_channels, "post_quant_conv", kernel=1)
 
     def encode(self, x):
         """x: NHWC in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior, unscaled."""

@@ -1,7 +1,10 @@
 """The Flax AutoencoderKL against diffusers' (random weights, converted), its files, and the vae stage."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -10,7 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from conftest import run_stage
+from conftest import ROOT, run_stage
 from dit import vae as vae_lib
 from dit.vae import AutoencoderKL, VAEConfig
 
@@ -270,3 +273,50 @@ def test_encode_parity_full_sd_config_at_256():
         assert mean.shape == (2, 32, 32, 4)
         assert rel_err(mean, t_mean) < 1e-4, options
         assert rel_err(np.exp(0.5 * np.asarray(logvar, np.float64)), t_std) < 1e-4, options
+
+
+DECODE_ON_DEVICES = """
+import hashlib, sys
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dit import vae as vae_lib
+from dit.backend import conv_compiler_options
+from dit.sharding import BATCH_AXES, make_mesh
+vae_lib.MIN_CONV_FEATURES = int(sys.argv[1])
+config = vae_lib.VAEConfig(block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=4)
+params = vae_lib.init_params(config, jax.random.key(0))
+vae, n, per = vae_lib.AutoencoderKL(config), jax.device_count(), 64
+mesh = make_mesh(-1, 1)
+rows = P(BATCH_AXES)
+z = jax.device_put(jax.random.normal(jax.random.key(5), (n * per, 16, 16, 4)), NamedSharding(mesh, rows))
+decode = jax.jit(jax.shard_map(lambda p, z: vae.apply({"params": p}, z, method=vae.decode), mesh=mesh,
+                               in_specs=(P(), rows), out_specs=rows), compiler_options=conv_compiler_options())
+print(hashlib.sha256(np.asarray(decode(params, z))[:per].tobytes()).hexdigest())
+"""
+
+
+def decode_sha(devices: int, min_features: int) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-c", DECODE_ON_DEVICES, str(min_features)], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    return proc.stdout.split()[-1]
+
+
+def test_decode_gives_the_same_bytes_on_any_device_count():
+    """The same 64 latents decoded per device on 2 and on 3 XLA:CPU devices: the same bytes. XLA:CPU
+    runs the 3-channel conv_out on a device-count-dependent path; NarrowConv's padded kernel avoids it.
+    With the padding off (MIN_CONV_FEATURES = 0) the two differ here (checked when this was written)."""
+    assert decode_sha(2, vae_lib.MIN_CONV_FEATURES) == decode_sha(3, vae_lib.MIN_CONV_FEATURES)
+
+
+def test_narrow_conv_is_nn_conv():
+    """NarrowConv has nn.Conv's params and gives its outputs (to float32 rounding)."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    for k, s, pad in ((3, 1, 1), (1, 1, 0), (3, 2, 0)):
+        ref = nn.Conv(3, (k, k), strides=(s, s), padding=((pad, pad), (pad, pad)))
+        params = ref.init(jax.random.key(1), x)
+        ours = vae_lib.NarrowConv(3, k, s, pad)
+        assert jax.tree.map(np.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(np.shape, params)
+        np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
