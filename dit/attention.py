@@ -5,12 +5,14 @@ dot-product attention with a float32 softmax, an output linear):
 
   "fused"  x @ Wqkv -> (B, T, 3, H, D) -> jax.nn.dot_product_attention -> @ Wproj. What GPU/TPU backends
            fuse (cuDNN flash attention on GPU; XLA's own fusions on TPU): kept there unchanged.
-  "heads"  the qkv projection lands straight in (3, B, H, T, D) by an einsum with the kernel viewed as
-           (C, 3, H, D), the core is two batched (B, H) matmuls around a float32 softmax, and the output
-           projection contracts (H, D) directly with the kernel viewed as (H, D, C). No q/k/v transposes
-           and no head split / merge copies in the forward or the backward pass, and the core's backward
-           written out by hand (a custom VJP, about 1.5x faster than autodiff's on XLA:CPU): what
-           XLA:CPU runs best (measured in benchmarks/bench_train_step.py --profile).
+  "heads"  the qkv projection is one plain GEMM x @ Wqkv, (B*T, 3C), then q, k, v go head-major,
+           (3, B, H, T, D), by a transpose that moves whole D-rows; the core is two batched (B, H)
+           matmuls around a float32 softmax, with its backward written out by hand (a custom VJP, about
+           1.5x faster than autodiff's on XLA:CPU); the output goes back to (B, T, C) for one GEMM with
+           Wproj. What XLA:CPU runs best (benchmarks/bench_train_step.py --profile). Writing the
+           projection as an einsum straight into (3, B, H, T, D) looks copy-free, but XLA computes it
+           as W^T x^T and then transposes (T, D) element by element to slice q, k, v: guided DiT-S/2
+           sampling was 8% slower that way, the train step the same.
 
 `attention_impl()` is the one place that picks: "heads" on CPU, "fused" elsewhere; DIT_ATTENTION=fused|heads
 overrides it (for tests and benchmarks). Parameters are passed in, so both read the same checkpoint.
@@ -139,14 +141,13 @@ def self_attention(x, qkv_kernel, qkv_bias, proj_kernel, proj_bias, num_heads, q
     if impl != "heads":
         raise ValueError(f"attention impl {impl!r}: choose one of {IMPLS}")
     with jax.named_scope("qkv"):
-        qkv = jnp.einsum("btc,cshd->sbhtd", x, qkv_kernel.reshape(c, 3, h, d))
-        add = 0.0
+        qkv = x @ qkv_kernel
         if qkv_bias is not None:
-            add = qkv_bias.reshape(3, 1, h, 1, d)
+            qkv = qkv + qkv_bias
         if qkv_add is not None:
-            add = add + qkv_add.reshape(b, 3, h, d).transpose(1, 0, 2, 3)[:, :, :, None]
-        qkv = qkv + add
+            qkv = qkv + qkv_add[:, None]
+        qkv = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
     with jax.named_scope("attention_core"):
         out = attention_core(qkv[0], qkv[1], qkv[2], bias)
     with jax.named_scope("proj"):
-        return jnp.einsum("bhtd,hdc->btc", out, proj_kernel.reshape(h, d, c)) + proj_bias
+        return out.transpose(0, 2, 1, 3).reshape(b, t, c) @ proj_kernel + proj_bias
