@@ -111,9 +111,10 @@ class NarrowConv(nn.Module):
 
     XLA:CPU picks among several paths for a convolution with 3 or 4 output channels at run time, and which
     one it takes follows the number of XLA:CPU devices in the process: the decoder's conv_out gave one set
-    of bytes on 1, 2 and 4 devices, another on 3 and 5, a third on 8. Padded to 8 and to 32 output
-    channels it gave one set of bytes on all of them (the padding adds zeros only, so the maths is the
-    same). This is what keeps decoded samples the same bytes on any device count."""
+    of bytes on 1, 2 and 4 devices and another on 3 and 5; the conv alone, at 16 to 512 input channels on
+    1 to 8 devices, up to four. Padded to 8, 16 or 32 output channels it gave one set of bytes on all of
+    them (the padding adds zeros only, so the maths is the same). This is what keeps decoded samples the
+    same bytes on any device count (tests/test_vae.py)."""
 
     features: int
     kernel_size: int = 1
