@@ -124,30 +124,22 @@ def self_attention(x, qkv_kernel, qkv_bias, proj_kernel, proj_bias, num_heads, q
     impl = impl or attention_impl()
     b, t, c = x.shape
     h, d = num_heads, c // num_heads
-    # (named scopes only label the HLO ops, for benchmarks/bench_train_step.py --profile)
-    if impl == "fused":
-        with jax.named_scope("qkv"):
-            qkv = x @ qkv_kernel
-            if qkv_bias is not None:
-                qkv = qkv + qkv_bias
-            if qkv_add is not None:
-                qkv = qkv + qkv_add[:, None]
-        with jax.named_scope("attention_core"):
-            qkv = qkv.reshape(b, t, 3, h, d)  # already dot_product_attention's layout
-            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                               bias=None if bias is None else bias[None].astype(qkv.dtype))
-        with jax.named_scope("proj"):
-            return out.reshape(b, t, c) @ proj_kernel + proj_bias
-    if impl != "heads":
+    if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: choose one of {IMPLS}")
+    # (named scopes only label the HLO ops, for benchmarks/bench_train_step.py --profile)
     with jax.named_scope("qkv"):
         qkv = x @ qkv_kernel
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         if qkv_add is not None:
             qkv = qkv + qkv_add[:, None]
-        qkv = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        qkv = qkv.reshape(b, t, 3, h, d)  # already dot_product_attention's layout
     with jax.named_scope("attention_core"):
-        out = attention_core(qkv[0], qkv[1], qkv[2], bias)
+        if impl == "fused":
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                               bias=None if bias is None else bias[None].astype(qkv.dtype))
+        else:  # heads-major: (3, B, H, T, D) in, (B, H, T, D) out, back to (B, T, H, D)
+            qkv = qkv.transpose(2, 0, 3, 1, 4)
+            out = attention_core(qkv[0], qkv[1], qkv[2], bias).transpose(0, 2, 1, 3)
     with jax.named_scope("proj"):
-        return out.transpose(0, 2, 1, 3).reshape(b, t, c) @ proj_kernel + proj_bias
+        return out.reshape(b, t, c) @ proj_kernel + proj_bias
