@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
+from flax.linen.dtypes import promote_dtype
 
 EPS = 1e-6  # diffusers uses eps=1e-6 in every GroupNorm of the VAE
 
@@ -126,11 +127,12 @@ class NarrowConv(nn.Module):
         k, f = self.kernel_size, self.features
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], f), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (f,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=None)  # nn.Conv's dtype rule
         wide = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, max(MIN_CONV_FEATURES - f, 0))))
-        y = jax.lax.conv_general_dilated(x, wide.astype(x.dtype), (self.stride, self.stride),
+        y = jax.lax.conv_general_dilated(x, wide, (self.stride, self.stride),
                                          ((self.pad, self.pad), (self.pad, self.pad)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y[..., :f] + bias.astype(x.dtype)
+        return y[..., :f] + bias
 
 
 def _conv(features: int, name: str, kernel: int = 3, stride: int = 1, pad: int | None = None) -> nn.Module:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -320,3 +321,5 @@ def test_narrow_conv_is_nn_conv():
         ours = vae_lib.NarrowConv(3, k, s, pad)
         assert jax.tree.map(np.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(np.shape, params)
         np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    half = x.astype(jnp.bfloat16)  # nn.Conv's dtype rule too: bf16 input, f32 params -> f32 output
+    assert ours.apply(params, half).dtype == ref.apply(params, half).dtype
