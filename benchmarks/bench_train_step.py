@@ -10,7 +10,9 @@ Two rows: DiT-S/2 at batch 8 on 32x32x4 latents, and the embedded default's mode
 trains: depth 4, hidden 128, 4 heads, patch 2, 8x8x4 latents, batch 64, 10 classes, learn_sigma).
 
 The two sides are timed in alternating rounds (ours `steps` steps, then the peer's, `rounds` times)
-so that load from other processes on a shared machine hits both alike; the report gives each
+so that load from other processes on a shared machine hits both alike; each round starts with `warmup`
+untimed steps, so that neither side is timed while it recovers from the other's round (our first DiT-S/2
+step after a torch round ran 1-7% slower than the next ones); the report gives each
 side's median and best round in wall time and its median process CPU time per step.
 Ours splits the batch over params.yaml's `train.cpu_devices` XLA:CPU devices (data parallel, parameters
 replicated), as the train stage does on CPU; `--devices 1` times the one-device program.
@@ -346,7 +348,7 @@ def print_profile(ours, peer):
     print(f"    {'total':44s} {sum(ours.values()):8.1f}   {'total':52s} {sum(peer.values()):8.1f}")
 
 
-def bench_row(spec, batch, rounds, steps, devices, profile=False):
+def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1):
     cfg = row_config(spec)
     print(f"\n== {row_label(spec, batch)}; fwd+bwd+AdamW; {rounds} rounds x {steps} steps per side", flush=True)
     compile_s, ours, hlo = setup_ours(spec, batch, devices)
@@ -355,6 +357,7 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False):
     rounds_ = {"ours": [], "peer": []}
     for _ in range(rounds):
         for name, run in (("ours", ours), ("peer", peer)):
+            run(warmup)  # untimed: each side resumes after the other's round before it is timed
             wall, cpu = run(steps)
             rounds_[name].append((wall / steps, cpu / steps))
     med = lambda v: float(np.median(v))
@@ -392,6 +395,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="replace the S2 row's batch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="steps per round and side (x10 on the default row)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed steps each side runs at the start of every round (x10 on the default row)")
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
     ap.add_argument("--profile", action="store_true", help="also print the op-class profile of both sides")
     ap.add_argument("--devices", type=int, default=None,
@@ -412,8 +417,8 @@ def main(argv=None):
         spec, batch = ROWS[row]
         if row == "S2":
             spec, batch = args.model or spec, args.batch or batch
-        bench_row(spec, batch, args.rounds, args.steps * (10 if row == "default" else 1), args.devices,
-                  args.profile)
+        scale = 10 if row == "default" else 1
+        bench_row(spec, batch, args.rounds, args.steps * scale, args.devices, args.profile, args.warmup * scale)
 
 
 if __name__ == "__main__":
