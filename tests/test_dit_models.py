@@ -276,6 +276,24 @@ def test_attention_core_custom_vjp_matches_autodiff(dtype):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32), atol=tol * 4, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_heads_custom_vjp_is_exact(dtype):
+    """split_heads' one-pass backward gives autodiff's qkv gradient bit for bit (it only moves values)."""
+    from dit.attention import split_heads
+
+    plain = lambda qkv: tuple(qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    rng = np.random.default_rng(2)
+    qkv = jnp.asarray(rng.normal(size=(2, 5, 3, 4, 8)), dtype)
+    grads = tuple(jnp.asarray(rng.normal(size=(2, 4, 5, 8)), dtype) for _ in range(3))
+    (out, vjp), (ref, ref_vjp) = jax.vjp(split_heads, qkv), jax.vjp(plain, qkv)
+    for a, r in zip(out, ref):
+        assert a.dtype == r.dtype and a.shape == r.shape == (2, 4, 5, 8)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+    (got,), (want,) = vjp(grads), ref_vjp(grads)
+    assert got.dtype == want.dtype and got.shape == qkv.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_gelu_custom_vjp_matches_autodiff():
     from dit.models import gelu_tanh
 
