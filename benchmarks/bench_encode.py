@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import cpu_model  # noqa: E402
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TF_NUM_INTRAOP_THREADS": "1"}
 PIN_HOOK = """import os
 if os.environ.get("BENCH_PIN_WORKERS") and os.environ.get("WORKER_ID", "").startswith("worker_"):
@@ -39,13 +42,6 @@ if os.environ.get("BENCH_PIN_WORKERS") and os.environ.get("WORKER_ID", "").start
     with open(os.environ["BENCH_PIN_WORKERS"], "a") as f:
         f.write(f"{os.environ['WORKER_ID']} {cpu}\\n")
 """
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def setup(work: Path, n: int) -> list[tuple]:

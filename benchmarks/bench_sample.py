@@ -35,19 +35,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from machine import pin_to_one_cpu, stage_cpu_devices  # noqa: E402
+from machine import cpu_model, pin_to_one_cpu, stage_cpu_devices  # noqa: E402
 
 SCALE = 1.5
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def weights(model_name, seed=0):

@@ -8,14 +8,24 @@ import platform
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its family/model numbers and widest vector ISA: a VM often shows only
+    "AMD EPYC", and a Zen 3 (family 25 model 1, AVX2) runs XLA's step twice as long as a Zen 4 (family 25
+    model 17, AVX-512) under that same name."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():
+                    break  # the first CPU's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = fields.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {isa})"
 
 
 def describe() -> str:
