@@ -9,8 +9,8 @@ import platform
 
 def cpu_model() -> str:
     """The CPU's model name, with its family/model numbers and widest vector ISA: a VM often shows only
-    "AMD EPYC", and a Zen 3 (family 25 model 1, AVX2) runs XLA's step twice as long as a Zen 4 (family 25
-    model 17, AVX-512) under that same name."""
+    "AMD EPYC", and this project's train step ran twice as long on a Zen 3 (family 25 model 1, AVX2) as on an
+    AVX-512 EPYC of the same name."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
