@@ -27,7 +27,7 @@ from machine import cpu_model  # noqa: E402
 def write_shards(folder: Path, n: int, shape: tuple[int, ...], shards: int = 4) -> tuple[list[Path], list[int]]:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from pipelines.encode import ARRAY_RECORD_OPTIONS, encode_record, shard_name
+    from pipelines.records import ARRAY_RECORD_OPTIONS, encode_record, shard_name
 
     rng = np.random.default_rng(0)
     paths, counts = [], []
@@ -37,7 +37,7 @@ def write_shards(folder: Path, n: int, shape: tuple[int, ...], shards: int = 4) 
         idx = range(k, n, shards)
         for i in idx:
             w.write(encode_record(rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32),
-                                  i % 10, i, 0))
+                                  i % 10, i, 0, f"bench/{i:08d}"))
         w.close()
         paths.append(path)
         counts.append(len(idx))
