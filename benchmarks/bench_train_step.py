@@ -129,36 +129,27 @@ def setup_ours(spec, batch, devices=1, seed=0):
     return compile_s, run, compiled.as_text()
 
 
-def setup_peer(spec, batch, seed=0):
-    """diffusers' DiTTransformer2DModel + torch AdamW + the same loss; returns run(n) -> seconds."""
+def peer_loss(model, num_classes, device="cpu"):
+    """x0 (N, C, H, W) -> the official training_losses (MSE + VB with frozen mean), written out in torch, NCHW,
+    for a diffusers DiTTransformer2DModel on `device`."""
     import torch
-    from diffusers import DiTTransformer2DModel
 
     from dit.diffusion import create_diffusion
 
-    torch.manual_seed(seed)
-    cfg = row_config(spec)
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
-        norm_eps=1e-6).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     d = create_diffusion("")
-    tab = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)
+    tab = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32, device=device)
     sqrt_ac, sqrt_1m = tab(d.sqrt_alphas_cumprod), tab(d.sqrt_one_minus_alphas_cumprod)
     c1, c2 = tab(d.posterior_mean_coef1), tab(d.posterior_mean_coef2)
     plog, logb = tab(d.posterior_log_variance_clipped), tab(np.log(d.betas))
     r_ac, r_m1 = tab(d.sqrt_recip_alphas_cumprod), tab(d.sqrt_recipm1_alphas_cumprod)
 
     def loss_fn(x0):
-        # The official training_losses (MSE + VB with frozen mean), written out in torch, NCHW.
         n = x0.shape[0]
-        t = torch.randint(0, 1000, (n,))
+        t = torch.randint(0, 1000, (n,), device=device)
         noise = torch.randn_like(x0)
         e = lambda a: a[t].view(n, 1, 1, 1)
         xt = e(sqrt_ac) * x0 + e(sqrt_1m) * noise
-        out = model(xt, t, torch.randint(0, cfg.num_classes, (n,))).sample
+        out = model(xt, t, torch.randint(0, num_classes, (n,), device=device)).sample.float()
         eps, v = out[:, :4], out[:, 4:]
         frac = (v + 1) / 2
         logvar = frac * e(logb) + (1 - frac) * e(plog)
@@ -169,6 +160,23 @@ def setup_peer(spec, batch, seed=0):
         vb = kl.mean(dim=(1, 2, 3)) / math.log(2.0)  # (the t == 0 decoder NLL is left out: same cost class)
         return (((noise - eps) ** 2).mean(dim=(1, 2, 3)) + vb).mean()
 
+    return loss_fn
+
+
+def setup_peer(spec, batch, seed=0):
+    """diffusers' DiTTransformer2DModel + torch AdamW + the same loss; returns run(n) -> seconds."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    cfg = row_config(spec)
+    model = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
+        norm_eps=1e-6).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    loss_fn = peer_loss(model, cfg.num_classes)
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
 
     def run(n):

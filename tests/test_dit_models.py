@@ -229,7 +229,7 @@ def test_attention_formulations_agree(with_extras):
     and the logit bias (tmsa)."""
     from dit.attention import attention_impl, self_attention
 
-    assert attention_impl("cpu") == "heads" and attention_impl("gpu") == "fused" and attention_impl("tpu") == "fused"
+    assert attention_impl("cpu") == "heads" and attention_impl("gpu") == "cudnn" and attention_impl("tpu") == "fused"
     rng = np.random.default_rng(0)
     b, t, c, h = 2, 16, 32, 4
     arr = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
@@ -246,6 +246,37 @@ def test_attention_formulations_agree(with_extras):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(ggot, gref):
         np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_attention_cudnn_matches_heads_on_gpu(with_extras):
+    """On a GPU, the choice there (cuDNN's kernel, bfloat16) against the heads-major formulation in float32:
+    outputs and gradients to bfloat16's precision, with and without the time token and the logit bias."""
+    from dit.attention import attention_impl, self_attention
+
+    assert attention_impl() == "cudnn"
+    rng = np.random.default_rng(0)
+    b, t, c, h = 4, 256, 1152, 16  # DiT-XL/2's tokens and heads (head dim 72)
+    arr = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    x, wqkv, bqkv, wp, bp = arr(b, t, c), arr(c, 3 * c) / c ** 0.5, arr(3 * c), arr(c, c) / c ** 0.5, arr(c)
+    extra = dict(qkv_add=arr(b, 3 * c), bias=arr(h, t, t)) if with_extras else {}
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(impl, dtype, x, wqkv, bqkv, wp, bp, extra):  # arrays as arguments: XLA would fold constants
+        cast = lambda a: a.astype(dtype)
+        ex = {k: cast(v) for k, v in extra.items()}
+        f = lambda x, wqkv, wp: self_attention(cast(x), cast(wqkv), cast(bqkv), cast(wp), cast(bp), h, impl=impl,
+                                               **ex).astype(jnp.float32)
+        out, vjp = jax.vjp(f, x, wqkv, wp)
+        return out, vjp(jnp.cos(out))
+
+    args = (x, wqkv, bqkv, wp, bp, extra)
+    (ref, gref), (got, ggot) = run("heads", jnp.float32, *args), run("cudnn", jnp.bfloat16, *args)
+    (xla, gxla) = run("fused", jnp.bfloat16, *args)  # XLA's own attention in bfloat16: the error to match
+    for a, r, z in zip((got, *ggot), (ref, *gref), (xla, *gxla)):
+        err, base = float(jnp.abs(a - r).max()), float(jnp.abs(z - r).max())
+        assert err <= 2 * base + 1e-6, (err, base)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
