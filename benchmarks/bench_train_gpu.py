@@ -1,7 +1,7 @@
 """Train-step throughput and MFU on one GPU: the train stage's own step against diffusers in PyTorch.
 
     python benchmarks/bench_train_gpu.py [--model DiT-XL/2] [--batch 128] [--steps 10] [--rounds 3]
-                                         [--dtype bfloat16] [--sides ours-fused,ours-heads,peer,peer-compile]
+                                         [--dtype bfloat16] [--sides ours-cudnn,ours-fused,ours-heads,peer,peer-compile]
 
 Ours is `stages.train.make_step` exactly as the train stage compiles it: the diffusion loss (MSE + VB) on
 latents drawn from stored posterior moments, AdamW, the EMA update, on params in float32 with the model's
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-SIDES = ("ours-fused", "ours-heads", "ours-cudnn", "peer", "peer-compile")
+SIDES = ("ours-cudnn", "ours-fused", "ours-heads", "peer", "peer-compile")
 
 
 def time_rounds(run, sync, rounds, steps):
@@ -79,27 +79,20 @@ def side_ours(model_name, batch, dtype, rounds, steps):
     run(2)
     jax.block_until_ready(box["m"])
     times = time_rounds(run, lambda: jax.block_until_ready(box["m"]), rounds, steps)
-    dev = jax.devices()[0]
-    return {"compile_s": compile_s, "times": times, "device": dev.device_kind,
-            "impl": os.environ.get("DIT_ATTENTION") or "default", "jax": jax.__version__,
-            "loss": float(box["m"]["loss"])}
+    return {"compile_s": compile_s, "times": times, "device": jax.devices()[0].device_kind,
+            "version": f"jax {jax.__version__}", "loss": float(box["m"]["loss"])}
 
 
 def side_peer(model_name, batch, dtype, rounds, steps, compile_):
     import torch
-    from diffusers import DiTTransformer2DModel
 
-    from bench_train_step import peer_loss
+    from bench_train_step import peer_loss, peer_model
     from dit.models import dit_config
 
     torch.manual_seed(0)
     cfg = dit_config(model_name)
-    model = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
-        norm_eps=1e-6).cuda().train()
-    params = [p for p in model.parameters()]
+    model = peer_model(cfg).cuda()
+    params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     fwd = torch.compile(model) if compile_ else model
@@ -125,7 +118,7 @@ def side_peer(model_name, batch, dtype, rounds, steps, compile_):
     compile_s = time.perf_counter() - t0
     times = time_rounds(run, torch.cuda.synchronize, rounds, steps)
     return {"compile_s": compile_s, "times": times, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "loss": float(box["loss"])}
+            "version": f"torch {torch.__version__}", "loss": float(box["loss"])}
 
 
 def report(model_name, batch, dtype, results):
@@ -146,7 +139,7 @@ def report(model_name, batch, dtype, results):
         mfu = f"{100 * 6 * macs * ips / (peak * 1e12):.1f}%" if peak else "n/a"
         print(f"  {side:14s} {1000 * med:8.1f} ms/step  {ips:8.1f} img/s  MFU {mfu:>6s}  "
               f"(compile/warm-up {r['compile_s']:.1f} s; rounds {', '.join(f'{1000 * t:.1f}' for t in r['times'])} ms; "
-              f"loss {r['loss']:.3f}; {r['device']})")
+              f"loss {r['loss']:.3f}; {r['device']}, {r['version']})")
     peer = results.get("peer", {})
     if "times" in peer:
         p = float(np.median(peer["times"]))

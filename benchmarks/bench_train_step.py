@@ -163,18 +163,24 @@ def peer_loss(model, num_classes, device="cpu"):
     return loss_fn
 
 
-def setup_peer(spec, batch, seed=0):
-    """diffusers' DiTTransformer2DModel + torch AdamW + the same loss; returns run(n) -> seconds."""
-    import torch
+def peer_model(cfg):
+    """diffusers' DiTTransformer2DModel of the same shape as DiT(cfg), in train mode, on the CPU."""
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(seed)
-    cfg = row_config(spec)
-    model = DiTTransformer2DModel(
+    return DiTTransformer2DModel(
         num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
         sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
         norm_eps=1e-6).train()
+
+
+def setup_peer(spec, batch, seed=0):
+    """diffusers' DiTTransformer2DModel + torch AdamW + the same loss; returns run(n) -> seconds."""
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = row_config(spec)
+    model = peer_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     loss_fn = peer_loss(model, cfg.num_classes)
     x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
