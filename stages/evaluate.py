@@ -28,6 +28,9 @@ def dvc_lock_hashes(lock: Path = Path("dvc.lock")) -> dict:
 def main(argv: list[str]) -> None:
     params = load_params("evaluate", argv, __doc__)
     cfg = params["evaluate"]
+    method = cfg.get("fid_method", "sqrtm")
+    if method not in ("sqrtm", "eigh"):
+        fail(f"evaluate.fid_method: {method!r}; use sqrtm (ADM's) or eigh (the same FID to ~1e-7, faster)")
     manifest = Manifest("evaluate", params)
     sample_manifest = read_manifest(SAMPLES)
     read_manifest(REFERENCE)
@@ -39,7 +42,8 @@ def main(argv: list[str]) -> None:
 
     t0 = time.time()
     try:
-        metrics = evaluate(str(reference), str(samples), inception, batch_size=cfg["batch_size"])
+        metrics = evaluate(str(reference), str(samples), inception, batch_size=cfg["batch_size"],
+                           fid_method=method)
     except ValueError as e:
         fail(str(e))
     manifest.add_input("samples", samples)
@@ -48,6 +52,7 @@ def main(argv: list[str]) -> None:
         "samples_sha256": manifest.inputs["samples"],
         "reference_sha256": manifest.inputs["reference"],
         "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256},
+        "fid_method": method,
         "checkpoint_step": sample_manifest["checkpoint_step"],
         "ema_sha256": sample_manifest["ema_sha256"],
         "sampler": sample_manifest["sampler"],

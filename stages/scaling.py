@@ -145,6 +145,7 @@ def make_row(name: str, info: dict | None) -> dict:
         "cfg_scale": sample.get("cfg_scale"),
         "num_samples": prov.get("num_samples"),
         "fid": _num(m.get("fid")),
+        "fid_method": prov.get("fid_method", "sqrtm"),  # evaluate.fid_method (runs before it: sqrtm)
         "sfid": _num(m.get("sfid")),
         "precision": _num(m.get("precision")),
         "recall": _num(m.get("recall")),

@@ -107,6 +107,7 @@ def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
     assert 0 < m["fid_floor"] == yard["floor"]["fid"] and m["rfid"] == yard["rfid"]["fid"] > 0
     prov = metrics["provenance"]
     assert prov["checkpoint_step"] == 12 and len(prov["ema_sha256"]) == 64
+    assert prov["fid_method"] == "sqrtm"  # ADM's, the default; the reruns below take eigh (5-8x faster)
     assert set(prov["dvc_lock"]) >= {"data", "vae", "encode", "train", "sample", "reference"}
 
 
@@ -174,11 +175,13 @@ def test_sample_param_reruns_only_sample_and_evaluate(repo):
     dst, env, _ = repo
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["sample"]["cfg_scale"] = 2.0
+    params["evaluate"]["fid_method"] = "eigh"  # evaluate reruns anyway; eigh spares it ~40 s of sqrtm
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh([sys.executable, "-m", "dvc", "repro", "evaluate"], dst, env)  # the FID's chain (not curves)
     assert sorted(ran(out)) == ["evaluate", "sample"], out
     metrics = json.loads((dst / "artifacts/eval/metrics.json").read_text())
     assert metrics["provenance"]["sampler"]["cfg_scale"] == 2.0
+    assert metrics["provenance"]["fid_method"] == "eigh"
 
 
 def _experiment_fids(node, under_exp=False):
@@ -202,7 +205,8 @@ def test_dvc_experiments_carry_their_fid(repo):
     dst, env, _ = repo
     sh(["git", "add", "-A"], dst, env)
     sh(["git", "commit", "-qm", "baseline results"], dst, env)
-    out = sh([sys.executable, "-m", "dvc", "exp", "run", "evaluate", "-S", "sample.cfg_scale=3.0"], dst, env)
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "evaluate", "-S", "sample.cfg_scale=3.0",
+              "-S", "evaluate.fid_method=eigh"], dst, env)
     assert sorted(ran(out)) == ["evaluate", "sample"], out
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], dst, env))
     fids = _experiment_fids(shown)

@@ -91,7 +91,7 @@ TINY = {
     "sample": {"num_samples": 10, "num_sampling_steps": "2", "batch_size": 10, "grid_per_class": 1},
     "curves": {"num_samples": 10, "train_sampler": "2", "samplers": ["2", "ddim4"]},
     "reference": {"max_images": 20},
-    "evaluate": {"batch_size": 20},
+    "evaluate": {"batch_size": 20, "fid_method": "eigh"},  # ADM's sqrtm is the e2e test's; eigh: 5-8x faster
 }
 SMOKE = {"description": "two tiny configs", "set": {"train.hidden_size": 32, "train.num_heads": 2},
          "configs": {"smoke-d1-p4": {"train.depth": 1, "train.patch_size": 4},
@@ -159,7 +159,7 @@ def test_smoke_sweep_report_has_both_rows_with_dit_flops_gflops(swept):
         assert r["gflops"] == pytest.approx(count_flops(config) / 1e9, rel=1e-9)
         assert r["params"] == count_params(config) and r["steps"] == 4
         assert r["train_compute"] == pytest.approx(r["gflops"] * 3 * 8 * 4, rel=1e-9)
-        assert r["fid"] > 0 and r["reference_sha256"] and r["inception_sha256"]
+        assert r["fid"] > 0 and r["fid_method"] == "eigh" and r["reference_sha256"] and r["inception_sha256"]
         assert 0 < r["fid_floor"] and 0 < r["rfid"]  # the yardsticks, shared by both experiments
         assert [p["step"] for p in r["curve_steps"]] == [2, 4]  # the kept EMAs, from the curves stage
         assert [p["sampler"] for p in r["curve_sampling"]] == ["2", "ddim4"]

@@ -42,13 +42,15 @@ def test_bad_input_is_one_line_exit_2_nothing_written(workdir, args, needle):
     assert not (workdir / "artifacts").exists() or not any((workdir / "artifacts").iterdir())
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "curves.samplers=['dpm++10', 'bogus']"], "curves.samplers"),
-    (["--set", "curves.train_sampler=dpm++x"], "curves.train_sampler"),
+@pytest.mark.parametrize("stage, args, needle", [
+    ("curves", ["--set", "curves.samplers=['dpm++10', 'bogus']"], "curves.samplers"),
+    ("curves", ["--set", "curves.train_sampler=dpm++x"], "curves.train_sampler"),
+    ("evaluate", ["--set", "evaluate.fid_method=svd"], "evaluate.fid_method"),
 ])
-def test_curves_names_a_bad_sampler_before_reading_artifacts(workdir, args, needle):
-    """No upstream artifacts exist here: the sampler names are checked first, in one line."""
-    proc = run_stage("curves", workdir, *args, check=False)
+def test_a_bad_choice_is_named_before_reading_artifacts(workdir, stage, args, needle):
+    """No upstream artifacts exist here: the sampler names and the FID method are checked first, in one
+    line."""
+    proc = run_stage(stage, workdir, *args, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0] and "artifacts/" not in lines[0], proc.stderr
