@@ -19,6 +19,7 @@ processed + skipped = total for every source.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -82,6 +83,12 @@ def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]], list
     return classes, items, others
 
 
+def decode_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes started fresh ("spawn"), not forked: the tfds path has TensorFlow's threads
+    running, and a caller may have JAX's (a fork of a multithreaded process can deadlock)."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def inspect(args: tuple[str, str, int]) -> tuple[str, str | None, str | None]:
     """(sha256, mode, None) for a usable image, or ("", None, reason)."""
     path, _, min_size = args
@@ -123,7 +130,7 @@ def main(argv: list[str]) -> None:
 
         jobs = [(str(root / rel), rel, min_size) for rel, _ in items]
         workers = max(1, min(os.cpu_count() or 1, 8))
-        with ProcessPoolExecutor(workers) as pool:
+        with decode_pool(workers) as pool:
             results = list(pool.map(inspect, jobs, chunksize=256))
         kept, modes = [], {}
         for (rel, label), (digest, mode, reason) in zip(items, results):
@@ -167,7 +174,7 @@ def write_tfds_index(cfg: dict, manifest: Manifest) -> None:
     spec, classes, examples = index_tfds(cfg)
     kept, modes, total = [], {}, 0
     workers = max(1, min(os.cpu_count() or 1, 8))
-    with atomic_dir(OUT) as tmp, ProcessPoolExecutor(workers) as pool:
+    with atomic_dir(OUT) as tmp, decode_pool(workers) as pool:
         while block := list(itertools.islice(examples, 4096)):  # bounded: ImageNet is 140 GB of JPEGs
             results = pool.map(inspect_bytes, [(data, cfg["min_size"]) for *_, data in block],
                                chunksize=64)
