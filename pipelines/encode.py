@@ -126,7 +126,11 @@ class WriteShard(beam.DoFn):
 
 
 def pipeline_options(runner: str, num_workers: int, extra_options: list[str] | None) -> PipelineOptions:
-    argv = [f"--runner={runner}", *(extra_options or [])]
+    """DirectRunner means Beam's Python FnApiRunner, in memory or over `num_workers` processes. Since Beam
+    2.68 the DirectRunner first tries Prism, a Go runner it downloads from GitHub at run time (offline it
+    falls back, leaving an empty /tmp/beam-temp* folder); Beam's advice to keep the Python runner is to
+    name FnApiRunner."""
+    argv = [f"--runner={'FnApiRunner' if runner == 'DirectRunner' else runner}", *(extra_options or [])]
     if runner == "DirectRunner":
         mode = "multi_processing" if num_workers > 1 else "in_memory"
         if any(a.startswith("--direct_running_mode") for a in argv):
