@@ -60,6 +60,7 @@ def loader_img_s(paths, counts, batch: int, seconds: float) -> float:
 def trainer_img_s(cfg: dict, latent: int, batch: int, seconds: float) -> float:
     import jax
 
+    from dit.backend import step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT, dit_config, init_params
     from stages.train import make_optimizer, make_step
@@ -73,7 +74,7 @@ def trainer_img_s(cfg: dict, latent: int, batch: int, seconds: float) -> float:
     p = init_params(config, key)
     state = {"params": p, "ema": jax.tree.map(lambda x: x.copy(), p), "opt_state": tx.init(p)}
     step = jax.jit(make_step(DiT(config), create_diffusion("", learn_sigma=True), tx, 0.18215, 0.9999, key),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=step_compiler_options())
     rng = np.random.default_rng(0)
     b = {"mean": rng.standard_normal((batch, latent, latent, 4), np.float32),
          "logvar": np.full((batch, latent, latent, 4), -4.0, np.float32),

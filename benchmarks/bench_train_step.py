@@ -71,12 +71,14 @@ def row_label(spec, batch):
 
 def setup_ours(spec, batch, devices=1, seed=0):
     """Returns (compile seconds, run(n) -> seconds for n train steps, compiled HLO text). The batch is split
-    over `devices` CPU devices, parameters replicated: the train stage's data-parallel step on CPU."""
+    over `devices` CPU devices, parameters replicated, compiled with the stage's options
+    (dit.backend.step_compiler_options): the train stage's data-parallel step on CPU."""
     import jax
     import jax.numpy as jnp
     import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from dit.backend import step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT, init_params
     from dit.sharding import BATCH_AXES, make_mesh
@@ -114,7 +116,7 @@ def setup_ours(spec, batch, devices=1, seed=0):
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(rep, rep, split, split, None), out_shardings=(rep, rep, None),
-                       donate_argnums=(0, 1)).lower(state["params"], state["opt"], x, y, key).compile()
+                       donate_argnums=(0, 1), compiler_options=step_compiler_options("cpu")).lower(state["params"], state["opt"], x, y, key).compile()
     compile_s = time.perf_counter() - t0
 
     def run(n):

@@ -44,13 +44,16 @@ def pin_to_one_cpu() -> int:
 
 def stage_cpu_devices(stage: str, devices: int | None = None) -> int:
     """Make XLA:CPU present `devices` devices, or as many as params.yaml's `<stage>.cpu_devices` (what the
-    stage runs on CPU); returns the count. Call after pin_to_one_cpu and before any JAX work."""
+    stage runs on CPU), and set malloc as the stage does (dit.backend.keep_step_memory: process-wide, so the
+    peer in the same process runs with it too); returns the count. Call after pin_to_one_cpu and before any
+    JAX work."""
     if devices is None:
         import yaml
 
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "params.yaml")) as f:
             devices = int(yaml.safe_load(f)[stage]["cpu_devices"])
-    from dit.backend import set_cpu_devices
+    from dit.backend import keep_step_memory, set_cpu_devices
 
     set_cpu_devices(devices)
+    keep_step_memory()
     return devices

@@ -10,6 +10,20 @@ Eigen's convolutions split their work by the size of XLA's thread pool, which fo
 may run on: their last bits depend on the core count (not on the device or host count), one of the
 reasons bytes are promised only across runs on the same kind of machine (README, determinism).
 
+XLA:CPU puts an execution's temporaries in one block, malloc'ed and freed at every call: DiT-S/2's train
+step has a 512 MB block a device. glibc serves a block that large by mmap (XLA's threads always do), so the
+kernel zero-fills ~1 GB of fresh pages every step (up to 250,000 page faults). Two settings stop it, and
+change where buffers live, never the maths (the same bytes, tests/test_backend.py):
+  - `step_compiler_options`: XLA's `xla_multiheap_size_constraint_per_heap` splits the temporaries into
+    blocks of at most 16 MB (a program whose temporaries fit in 16 MB, like the embedded default's step,
+    compiles as before);
+  - `keep_step_memory`: glibc's malloc serves blocks up to 32 MB from its heaps and keeps what is freed
+    (fixed thresholds; glibc otherwise moves them as it goes, and returns free heaps to the kernel).
+Together, on an AVX-512 EPYC (benchmarks/bench_train_step.py): DiT-S/2's step 977-1012 ms against
+1149-1196, 1,500-3,500 page faults a step against 78,000-146,000; the process keeps ~300 MB more.
+The train and sample stages use both; either alone helps less, and not reliably (the splitting alone:
+1,000-1,190 ms, 17,000-80,000 faults).
+
 On CPU the train and sample stages also split their work over several XLA:CPU devices
 (`set_cpu_devices`): XLA:CPU parallelises one program's small ops poorly across cores, and data
 parallelism over one device per core does better (the embedded default's step: 69 ms on one device,
@@ -18,29 +32,65 @@ parallelism over one device per core does better (the embedded default's step: 6
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import platform
 
 import jax
 import numpy as np
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_STEP_OPTIONS = {"xla_multiheap_size_constraint_per_heap": 16 << 20}
+# glibc mallopt(param, value): M_TRIM_THRESHOLD -1 (free memory kept up to 1 GB), M_TOP_PAD -2 (64 MB: a
+# heap left empty is kept, not unmapped), M_MMAP_THRESHOLD -3 (32 MB, glibc's maximum: below it, no mmap)
+STEP_MALLOPT = ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))
+
+
+def _accepted(options: dict) -> dict:
+    """`options` if this XLA accepts them, else {} (XLA's defaults, correct too)."""
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except Exception:  # an XLA without an option rejects it at compile time
+        return {}
+    return dict(options)
 
 
 @functools.cache
 def cpu_compiler_options() -> dict:
-    """CPU_OPTIONS if this XLA accepts them (the option is experimental), else {} (XLA's defaults)."""
-    try:
-        with jax.default_device(jax.devices("cpu")[0]):
-            jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
-    except Exception:  # an XLA without the option rejects it at compile time; defaults are correct too
-        return {}
-    return dict(CPU_OPTIONS)
+    """CPU_OPTIONS if this XLA accepts them (the option is experimental), else {}."""
+    return _accepted(CPU_OPTIONS)
+
+
+@functools.cache
+def cpu_step_options() -> dict:
+    """CPU_STEP_OPTIONS if this XLA accepts them, else {}."""
+    return _accepted(CPU_STEP_OPTIONS)
+
+
+def _on_cpu(options: dict, platform: str | None) -> dict | None:
+    return (options or None) if (platform or jax.default_backend()) == "cpu" else None
 
 
 def conv_compiler_options(platform: str | None = None) -> dict | None:
     """`compiler_options` for a top-level jax.jit of a convolutional network on `platform`."""
-    return (cpu_compiler_options() or None) if (platform or jax.default_backend()) == "cpu" else None
+    return _on_cpu(cpu_compiler_options(), platform)
+
+
+def step_compiler_options(platform: str | None = None) -> dict | None:
+    """`compiler_options` for the DiT's train step and sampling loop on `platform`."""
+    return _on_cpu(cpu_step_options(), platform)
+
+
+def keep_step_memory() -> bool:
+    """Set STEP_MALLOPT in this process, for a process that runs one big XLA:CPU program over and over
+    (train, sample). glibc only (elsewhere nothing is set); True if set. The values hold from the call on,
+    for the whole process."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(param, value) == 1 for param, value in STEP_MALLOPT)
 
 
 def set_cpu_devices(n: int) -> None:

@@ -164,7 +164,7 @@ def main(argv: list[str]) -> None:
     import jax
     from jax.experimental import multihost_utils
 
-    from dit.backend import set_cpu_devices
+    from dit.backend import keep_step_memory, set_cpu_devices, step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.flops import count_flops
     from dit.models import DiT, init_params
@@ -174,6 +174,7 @@ def main(argv: list[str]) -> None:
     from stages.train_log import NonFinite, TrainLog, peak_tflops
 
     set_cpu_devices(cfg["cpu_devices"])  # before any JAX work; only the CPU backend
+    keep_step_memory()  # with step_compiler_options: no fresh pages every step on CPU (dit/backend.py)
     init_distributed()
     config = model_config(cfg, latents)
     try:
@@ -265,7 +266,8 @@ def main(argv: list[str]) -> None:
 
     train_step = make_step(model, diffusion, tx, scale, cfg["ema_decay"], train_key)
     train_step = jax.jit(train_step, in_shardings=(state_shard, x_shard, None),
-                         out_shardings=(state_shard, None), donate_argnums=0)
+                         out_shardings=(state_shard, None), donate_argnums=0,
+                         compiler_options=step_compiler_options())
 
     loader = make_loader(records, B, cfg["seed"], (lo, hi), start, not cfg["use_flips"] and latents["flip"],
                          cfg["num_workers"])
