@@ -4,7 +4,7 @@ One step = forward + backward + AdamW update of DiT-S/2 on a batch of 32x32x4 la
 diffusion loss (MSE + VB, learned-range variance). Both sides use the same shapes, loss and optimizer
 settings (lr 1e-4, weight decay 0). Compile time of ours is reported apart from the steady state.
 
-    python benchmarks/bench_train_step.py [--rows S2,default] [--rounds 5] [--steps 3] [--single-thread] [--profile]
+    python benchmarks/bench_train_step.py [--rows S2,default] [--rounds 5] [--steps 3] [--single-thread] [--profile] [--plain-memory]
 
 Two rows: DiT-S/2 at batch 8 on 32x32x4 latents, and the embedded default's model (what `make repro`
 trains: depth 4, hidden 128, 4 heads, patch 2, 8x8x4 latents, batch 64, 10 classes, learn_sigma).
@@ -69,10 +69,11 @@ def row_label(spec, batch):
     return f"{name}, batch {batch}, {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents"
 
 
-def setup_ours(spec, batch, devices=1, seed=0):
+def setup_ours(spec, batch, devices=1, seed=0, step_memory=True):
     """Returns (compile seconds, run(n) -> seconds for n train steps, compiled HLO text). The batch is split
     over `devices` CPU devices, parameters replicated, compiled with the stage's options
-    (dit.backend.step_compiler_options): the train stage's data-parallel step on CPU."""
+    (dit.backend.step_compiler_options; `step_memory=False`: XLA's defaults): the train stage's
+    data-parallel step on CPU."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -116,7 +117,8 @@ def setup_ours(spec, batch, devices=1, seed=0):
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(rep, rep, split, split, None), out_shardings=(rep, rep, None),
-                       donate_argnums=(0, 1), compiler_options=step_compiler_options("cpu")).lower(state["params"], state["opt"], x, y, key).compile()
+                       donate_argnums=(0, 1),
+                       compiler_options=step_compiler_options("cpu") if step_memory else None).lower(state["params"], state["opt"], x, y, key).compile()
     compile_s = time.perf_counter() - t0
 
     def run(n):
@@ -364,10 +366,10 @@ def print_profile(ours, peer):
     print(f"    {'total':44s} {sum(ours.values()):8.1f}   {'total':52s} {sum(peer.values()):8.1f}")
 
 
-def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1):
+def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step_memory=True):
     cfg = row_config(spec)
     print(f"\n== {row_label(spec, batch)}; fwd+bwd+AdamW; {rounds} rounds x {steps} steps per side", flush=True)
-    compile_s, ours, hlo = setup_ours(spec, batch, devices)
+    compile_s, ours, hlo = setup_ours(spec, batch, devices, step_memory=step_memory)
     peer, threads = setup_peer(spec, batch)
     ours(1), peer(1)  # warm-up
     rounds_ = {"ours": [], "peer": []}
@@ -419,6 +421,9 @@ def main(argv=None):
                     help="untimed steps each side runs at the start of every round (x10 on the default row)")
     ap.add_argument("--single-thread", action="store_true", help="one thread on each side")
     ap.add_argument("--profile", action="store_true", help="also print the op-class profile of both sides")
+    ap.add_argument("--plain-memory", action="store_true",
+                    help="ours without the stages' step memory settings (dit.backend: XLA's one temp block a "
+                         "call, glibc's malloc defaults), for an A/B of them")
     ap.add_argument("--devices", type=int, default=None,
                     help="XLA:CPU devices ours splits the batch over (default: params.yaml's train.cpu_devices, "
                          "as the train stage runs on CPU; 1 = one device)")
@@ -428,7 +433,7 @@ def main(argv=None):
         import torch
 
         torch.set_num_threads(1)
-    args.devices = stage_cpu_devices("train", args.devices)  # before any JAX work
+    args.devices = stage_cpu_devices("train", args.devices, not args.plain_memory)  # before any JAX work
     print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
           f"both sides timed in alternating rounds", flush=True)
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "
@@ -438,7 +443,8 @@ def main(argv=None):
         if row == "S2":
             spec, batch = args.model or spec, args.batch or batch
         scale = 10 if row == "default" else 1
-        bench_row(spec, batch, args.rounds, args.steps * scale, args.devices, args.profile, args.warmup * scale)
+        bench_row(spec, batch, args.rounds, args.steps * scale, args.devices, args.profile, args.warmup * scale,
+                  not args.plain_memory)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ def pin_to_one_cpu() -> int:
     return cpu
 
 
-def stage_cpu_devices(stage: str, devices: int | None = None) -> int:
+def stage_cpu_devices(stage: str, devices: int | None = None, step_memory: bool = True) -> int:
     """Make XLA:CPU present `devices` devices, or as many as params.yaml's `<stage>.cpu_devices` (what the
     stage runs on CPU), and set malloc as the stage does (dit.backend.keep_step_memory: process-wide, so the
-    peer in the same process runs with it too); returns the count. Call after pin_to_one_cpu and before any
-    JAX work."""
+    peer in the same process runs with it too; `step_memory=False`: glibc's defaults); returns the count.
+    Call after pin_to_one_cpu and before any JAX work."""
     if devices is None:
         import yaml
 
@@ -55,5 +55,6 @@ def stage_cpu_devices(stage: str, devices: int | None = None) -> int:
     from dit.backend import keep_step_memory, set_cpu_devices
 
     set_cpu_devices(devices)
-    keep_step_memory()
+    if step_memory:
+        keep_step_memory()
     return devices
