@@ -51,15 +51,13 @@ def weights(model_name, seed=0):
 
 def setup_ours(cfg, sd, batch, steps, devices=1, one_at_a_time=False):
     """Returns (lower s, compile s, run() -> final latents). The batch is spread over `devices` CPU devices
-    (batch / devices samples each, under shard_map), as the sample stage spreads its chunks, and compiled
-    with the stage's options (dit.backend.step_compiler_options); with `one_at_a_time` each device loops
-    over its samples (lax.map), as `sample.batch_invariant` runs them."""
+    (batch / devices samples each, under shard_map), as the sample stage spreads its chunks; with
+    `one_at_a_time` each device loops over its samples (lax.map), as `sample.batch_invariant` runs them."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, PartitionSpec as P
 
     from dit import convert
-    from dit.backend import step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT
 
@@ -90,7 +88,7 @@ def setup_ours(cfg, sd, batch, steps, devices=1, one_at_a_time=False):
     mesh = Mesh(np.asarray(jax.devices("cpu")[:devices]), ("d",))
     spread = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P("d"))
     t0 = time.perf_counter()
-    lowered = jax.jit(spread, compiler_options=step_compiler_options("cpu")).lower(params, keys, labels)
+    lowered = jax.jit(spread).lower(params, keys, labels)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

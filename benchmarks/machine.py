@@ -42,11 +42,11 @@ def pin_to_one_cpu() -> int:
     return cpu
 
 
-def stage_cpu_devices(stage: str, devices: int | None = None, step_memory: bool = True) -> int:
+def stage_cpu_devices(stage: str, devices: int | None = None, step_memory: bool = False) -> int:
     """Make XLA:CPU present `devices` devices, or as many as params.yaml's `<stage>.cpu_devices` (what the
-    stage runs on CPU), and set malloc as the stage does (dit.backend.keep_step_memory: process-wide, so the
-    peer in the same process runs with it too; `step_memory=False`: glibc's defaults); returns the count.
-    Call after pin_to_one_cpu and before any JAX work."""
+    stage runs on CPU); with `step_memory`, also set malloc as the train stage does
+    (dit.backend.keep_step_memory: process-wide, so a peer in the same process runs with it too). Returns
+    the count. Call after pin_to_one_cpu and before any JAX work."""
     if devices is None:
         import yaml
 

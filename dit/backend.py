@@ -12,17 +12,21 @@ reasons bytes are promised only across runs on the same kind of machine (README,
 
 XLA:CPU puts an execution's temporaries in one block, malloc'ed and freed at every call: DiT-S/2's train
 step has a 512 MB block a device. glibc serves a block that large by mmap (XLA's threads always do), so the
-kernel zero-fills ~1 GB of fresh pages every step (up to 250,000 page faults). Two settings stop it, and
-change where buffers live, never the maths (the same bytes, tests/test_backend.py):
+kernel zero-fills ~1 GB of fresh pages every step (up to 250,000 page faults). The train stage sets two
+things that stop it; they change where buffers live, never the maths (the same bytes, tests/test_backend.py):
   - `step_compiler_options`: XLA's `xla_multiheap_size_constraint_per_heap` splits the temporaries into
-    blocks of at most 16 MB (a program whose temporaries fit in 16 MB, like the embedded default's step,
-    compiles as before);
-  - `keep_step_memory`: glibc's malloc serves blocks up to 32 MB from its heaps and keeps what is freed
-    (fixed thresholds; glibc otherwise moves them as it goes, and returns free heaps to the kernel).
-Together, on an AVX-512 EPYC (benchmarks/bench_train_step.py): DiT-S/2's step 977-1012 ms against
-1149-1196, 1,500-3,500 page faults a step against 78,000-146,000; the process keeps ~300 MB more.
-The train and sample stages use both; either alone helps less, and not reliably (the splitting alone:
-1,000-1,190 ms, 17,000-80,000 faults).
+    blocks just under 32 MB (a program whose temporaries fit one block, like the embedded default's step,
+    compiles as before; XLA warns once for each single buffer larger than a block, and gives it a block
+    of its own);
+  - `keep_step_memory`: glibc's malloc serves blocks under 32 MB (its largest mmap threshold) from its
+    heaps and keeps what is freed (fixed thresholds; glibc otherwise moves them as it goes, and returns
+    free heaps to the kernel).
+Together, on an AVX-512 Zen 5 EPYC (benchmarks/bench_train_step.py --plain-memory for the A/B): DiT-S/2's
+step 977-1012 ms against 1149-1196, 1,500-3,500 page faults a step against 78,000-146,000 (16 MB blocks;
+blocks just under 32 MB: 1,800); the process keeps ~300 MB more. Either alone helps less, and not
+reliably (the split alone: 1,000-1,190 ms, 17,000-80,000 faults). The sampler is left as it was: its
+program decodes with the VAE, whose single buffers are over a block (XLA's warnings), and splitting its
+temporaries moved guided sampling by 1-4%.
 
 On CPU the train and sample stages also split their work over several XLA:CPU devices
 (`set_cpu_devices`): XLA:CPU parallelises one program's small ops poorly across cores, and data
@@ -41,7 +45,7 @@ import jax
 import numpy as np
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-CPU_STEP_OPTIONS = {"xla_multiheap_size_constraint_per_heap": 16 << 20}
+CPU_STEP_OPTIONS = {"xla_multiheap_size_constraint_per_heap": (32 << 20) - (64 << 10)}  # under STEP_MALLOPT's 32 MB
 # glibc mallopt(param, value): M_TRIM_THRESHOLD -1 (free memory kept up to 1 GB), M_TOP_PAD -2 (64 MB: a
 # heap left empty is kept, not unmapped), M_MMAP_THRESHOLD -3 (32 MB, glibc's maximum: below it, no mmap)
 STEP_MALLOPT = ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))
@@ -79,13 +83,13 @@ def conv_compiler_options(platform: str | None = None) -> dict | None:
 
 
 def step_compiler_options(platform: str | None = None) -> dict | None:
-    """`compiler_options` for the DiT's train step and sampling loop on `platform`."""
+    """`compiler_options` for the DiT's train step on `platform`."""
     return _on_cpu(cpu_step_options(), platform)
 
 
 def keep_step_memory() -> bool:
     """Set STEP_MALLOPT in this process, for a process that runs one big XLA:CPU program over and over
-    (train, sample). glibc only (elsewhere nothing is set); True if set. The values hold from the call on,
+    (the train stage). glibc only (elsewhere nothing is set); True if set. The values hold from the call on,
     for the whole process."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -135,7 +135,6 @@ def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from dit.backend import step_compiler_options
     from dit.models import DiT
     from dit.sharding import BATCH_AXES
 
@@ -171,8 +170,7 @@ def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
 
     rows = P(BATCH_AXES)
     body = one_at_a_time if cfg["batch_invariant"] else chunk
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), rows, rows), out_specs=rows),
-                   compiler_options=step_compiler_options())
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), rows, rows), out_specs=rows))
 
 
 def cost(config, ckpt_manifest: dict, sampling_steps: int, guided: bool) -> dict:
@@ -203,14 +201,13 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
 
     from dit import vae as vae_lib
-    from dit.backend import keep_step_memory, set_cpu_devices
+    from dit.backend import set_cpu_devices
     from dit.diffusion import create_diffusion
     from dit.models import DiT, DiTConfig
     from dit.sharding import batch_sharding, make_mesh
     from stages import checkpoint
 
     set_cpu_devices(cfg["cpu_devices"])  # before any JAX work; only the CPU backend; bytes do not depend on it
-    keep_step_memory()  # with step_compiler_options: no fresh pages every step on CPU (dit/backend.py)
     init_distributed()
     primary = jax.process_index() == 0
 

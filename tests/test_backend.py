@@ -8,13 +8,14 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
 
-# Three train steps (stages.train.make_step: DiT loss, AdamW, EMA) of a small DiT whose temporaries
-# (~100 MB) are well over one 16 MB block; prints the params' sha256 and the minor page faults of the
-# two steps after the first.
+# Twelve train steps (stages.train.make_step: DiT loss, AdamW, EMA) of a small DiT whose temporaries
+# (~280 MB) are well over one block; prints the state's sha256 and the minor page faults of each step
+# after the first.
 STEPS = """
 import hashlib, json, resource, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -35,15 +36,14 @@ batch = {"mean": jnp.asarray(rng.standard_normal((64, 16, 16, 4)), jnp.float32),
          "logvar": jnp.full((64, 16, 16, 4), -4.0), "label": jnp.arange(64, dtype=jnp.int32) % 10}
 step = jax.jit(make_step(DiT(cfg), create_diffusion("", learn_sigma=True), tx, 0.18215, 0.9999,
                          jax.random.key(1)), donate_argnums=0, compiler_options=options)
-state, _ = step(state, batch, 0)
-jax.block_until_ready(state)
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for i in (1, 2):
+faults = []
+for i in range(12):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     state, _ = step(state, batch, i)
     jax.block_until_ready(state)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 sha = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(state))).hexdigest()
-print(json.dumps({"sha": sha, "faults": faults}))
+print(json.dumps({"sha": sha, "faults": faults[1:]}))
 """
 
 
@@ -80,6 +80,9 @@ def test_split_temporaries_same_bytes_fewer_fresh_pages():
     none, project, fine = (run_steps(k) for k in ("none", "project", "1MB"))
     # where the temporaries live is not the maths: the same params, EMA and optimizer state, to the bit
     assert none["sha"] == project["sha"] == fine["sha"]
-    # one mmap'ed block per call: every page of it faulted in anew (~100 MB a step here, 25,000 pages)
-    assert none["faults"] > 20_000, none
-    assert project["faults"] < none["faults"] / 4, (project, none)
+    # XLA's defaults: one mmap'ed block per call, every page of it faulted in anew (~70,000 pages a step
+    # here). With the settings most steps fault no page; a step that lands on a thread whose malloc arena is
+    # still cold faults its blocks in once, so the median, not the sum, is what they change.
+    median = lambda r: float(np.median(r["faults"]))
+    assert median(none) > 20_000, none
+    assert median(project) < median(none) / 10, (project, none)
