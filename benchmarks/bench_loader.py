@@ -60,11 +60,12 @@ def loader_img_s(paths, counts, batch: int, seconds: float) -> float:
 def trainer_img_s(cfg: dict, latent: int, batch: int, seconds: float) -> float:
     import jax
 
-    from dit.backend import step_compiler_options
+    from dit.backend import keep_step_memory, step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT, dit_config, init_params
     from stages.train import make_optimizer, make_step
 
+    keep_step_memory()  # as the train stage sets it, with step_compiler_options below
     common = dict(input_size=latent, in_channels=4, num_classes=10, learn_sigma=True, block="adaln_zero")
     config = (dit_config(cfg["model"], **common) if cfg.get("model") else
               dit_config(None, depth=cfg["depth"], hidden_size=cfg["hidden_size"], num_heads=cfg["num_heads"],

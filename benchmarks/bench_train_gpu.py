@@ -68,7 +68,8 @@ def side_ours(model_name, batch, dtype, rounds, steps):
             "logvar": jnp.asarray(rng.uniform(-6, -4, shape), jnp.float32),
             "label": jnp.asarray(rng.integers(0, cfg.num_classes, batch), jnp.int32)}
     t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, donate_argnums=(0,), compiler_options=step_compiler_options()).lower(state, data, jnp.int32(0)).compile()
+    compiled = jax.jit(step_fn, donate_argnums=(0,), compiler_options=step_compiler_options()).lower(
+        state, data, jnp.int32(0)).compile()
     compile_s = time.perf_counter() - t0
     box = {"state": state, "i": 0, "m": None}
 

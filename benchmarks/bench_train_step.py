@@ -117,8 +117,8 @@ def setup_ours(spec, batch, devices=1, seed=0, step_memory=True):
     key = jax.random.key(seed)
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(rep, rep, split, split, None), out_shardings=(rep, rep, None),
-                       donate_argnums=(0, 1),
-                       compiler_options=step_compiler_options("cpu") if step_memory else None).lower(state["params"], state["opt"], x, y, key).compile()
+                       donate_argnums=(0, 1), compiler_options=step_compiler_options("cpu") if step_memory else None,
+                       ).lower(state["params"], state["opt"], x, y, key).compile()
     compile_s = time.perf_counter() - t0
 
     def run(n):
