@@ -36,6 +36,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from dit.linear import matmul
+
 IMPLS = ("fused", "heads", "cudnn")
 
 
@@ -157,7 +159,7 @@ def self_attention(x, qkv_kernel, qkv_bias, proj_kernel, proj_bias, num_heads, q
         raise ValueError(f"attention impl {impl!r}: choose one of {IMPLS}")
     # (named scopes only label the HLO ops, for benchmarks/bench_train_step.py --profile)
     with jax.named_scope("qkv"):
-        qkv = x @ qkv_kernel
+        qkv = matmul(x, qkv_kernel)
         if qkv_bias is not None:
             qkv = qkv + qkv_bias
         if qkv_add is not None:
@@ -173,4 +175,4 @@ def self_attention(x, qkv_kernel, qkv_bias, proj_kernel, proj_bias, num_heads, q
         else:  # heads-major: q, k, v (B, H, T, D) in, (B, H, T, D) out, back to (B, T, H, D)
             out = attention_core(*split_heads(qkv), bias).transpose(0, 2, 1, 3)
     with jax.named_scope("proj"):
-        return out.reshape(b, t, c) @ proj_kernel + proj_bias
+        return matmul(out.reshape(b, t, c), proj_kernel) + proj_bias

@@ -17,6 +17,7 @@ Block designs (`DiTConfig.block`), the paper's Section 3.2 design space plus Dif
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit.attention import self_attention
+from dit.linear import dense_dot_general, matmul
 
 BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context", "tmsa")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -173,6 +175,7 @@ def relative_position_index(grid_size: int) -> np.ndarray:
 xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 normal002 = nn.initializers.normal(0.02)
+Dense = functools.partial(nn.Dense, dot_general=dense_dot_general)  # nn.Dense with dit/linear.py's matmul
 # The official code re-inits the conv weight as xavier on its (out, in*p*p) flattening, i.e. a linear.
 patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
 
@@ -228,7 +231,7 @@ class PatchEmbed(nn.Module):
         bias = self.param("bias", zeros, (self.features,))
         x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
-        return x @ kernel.reshape(p * p * c, -1).astype(self.dtype) + bias.astype(self.dtype)
+        return matmul(x, kernel.reshape(p * p * c, -1).astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -238,8 +241,8 @@ class TimestepEmbedder(nn.Module):
     @nn.compact
     def __call__(self, t):
         h = timestep_embedding(t).astype(self.dtype)
-        h = nn.Dense(self.hidden_size, kernel_init=normal002, dtype=self.dtype, name="fc1")(h)
-        return nn.Dense(self.hidden_size, kernel_init=normal002, dtype=self.dtype, name="fc2")(nn.silu(h))
+        h = Dense(self.hidden_size, kernel_init=normal002, dtype=self.dtype, name="fc1")(h)
+        return Dense(self.hidden_size, kernel_init=normal002, dtype=self.dtype, name="fc2")(nn.silu(h))
 
 
 class Mlp(nn.Module):
@@ -249,10 +252,10 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = nn.Dense(self.hidden_features, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.hidden_features, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
         with jax.named_scope("gelu"):
             x = gelu_tanh(x)
-        return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
+        return Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(x)
 
 
 class DenseParams(nn.Module):
@@ -285,7 +288,7 @@ class Attention(nn.Module):
         qkv_k, qkv_b = DenseParams(3 * d, name="qkv")(d, self.dtype)
         qkv_add = None
         if cond is not None:
-            qkv_add = nn.Dense(3 * d, use_bias=False, kernel_init=xavier, dtype=self.dtype,
+            qkv_add = Dense(3 * d, use_bias=False, kernel_init=xavier, dtype=self.dtype,
                                name="qkv_time")(cond)
         proj_k, proj_b = DenseParams(d, name="proj")(d, self.dtype)
         return self_attention(x, qkv_k, qkv_b, proj_k, proj_b, self.num_heads, qkv_add=qkv_add, bias=bias)
@@ -300,11 +303,11 @@ class CrossAttention(nn.Module):
     def __call__(self, x, context):
         n, t, d = x.shape
         hd = d // self.num_heads
-        q = nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="q")(x).reshape(n, t, self.num_heads, hd)
-        kv = nn.Dense(2 * d, kernel_init=xavier, dtype=self.dtype, name="kv")(context)
+        q = Dense(d, kernel_init=xavier, dtype=self.dtype, name="q")(x).reshape(n, t, self.num_heads, hd)
+        kv = Dense(2 * d, kernel_init=xavier, dtype=self.dtype, name="kv")(context)
         kv = kv.reshape(n, context.shape[1], 2, self.num_heads, hd)
         out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
-        return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(n, t, d))
+        return Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(n, t, d))
 
 
 class DiTBlock(nn.Module):
@@ -321,7 +324,7 @@ class DiTBlock(nn.Module):
         if cfg.block in ("adaln_zero", "adaln"):
             zero = cfg.block == "adaln_zero"
             # adaLN-Zero: zero init makes the gates 0, so each block starts as the identity.
-            mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier, dtype=dt,
+            mod = Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier, dtype=dt,
                            name="adaLN_modulation")(nn.silu(c))
             if zero:
                 shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
@@ -370,13 +373,13 @@ class FinalLayer(nn.Module):
         cfg = self.config
         dt = jnp.dtype(cfg.dtype)
         if cfg.block in ("adaln_zero", "adaln", "tmsa"):
-            mod = nn.Dense(2 * cfg.hidden_size, kernel_init=zeros, dtype=dt, name="adaLN_modulation")(nn.silu(c))
+            mod = Dense(2 * cfg.hidden_size, kernel_init=zeros, dtype=dt, name="adaLN_modulation")(nn.silu(c))
             shift, scale = jnp.split(mod, 2, axis=-1)
             x = modulate(_plain_norm(dtype=dt)(x), shift, scale)
         else:
             x = _affine_norm("norm", dt)(x)
         out = cfg.patch_size ** 2 * cfg.out_channels
-        return nn.Dense(out, kernel_init=zeros, dtype=dt, name="linear")(x)
+        return Dense(out, kernel_init=zeros, dtype=dt, name="linear")(x)
 
 
 class DiT(nn.Module):
