@@ -310,7 +310,7 @@ def profile_ours(run, hlo_text, steps):
     for plane in space.planes:
         for line in plane.lines:
             events = sorted((ev for ev in line.events if plane.event_metadata[ev.metadata_id].name in index),
-                            key=lambda ev: ev.offset_ps)  # one device's thunks, `steps` executions in turn
+                            key=lambda ev: ev.offset_ps)  # one thread's thunks, `steps` executions in turn
             per_run = len(events) // steps if len(events) % steps == 0 else len(events)
             for i, ev in enumerate(events):
                 name = plane.event_metadata[ev.metadata_id].name

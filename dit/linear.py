@@ -3,14 +3,14 @@
 Autodiff of x @ w computes the weight gradient as (g^T x)^T: a GEMM that writes (out, in), then a
 transpose back to w's (in, out). XLA:CPU does not fold that transpose into the GEMM. It sinks it into the
 gradient's consumers instead: the all-reduce carries (out, in) gradients, and every AdamW update of a
-kernel reads its gradient across the grain, in a strided loop (DiT-S/2's AdamW: 219 CPU-ms a step, 56
-without the transpose; benchmarks/bench_train_step.py --profile).
+kernel reads its gradient across the grain, in a strided loop (DiT-S/2's AdamW: 219-233 CPU-ms a step,
+56-81 without the transpose; benchmarks/bench_train_step.py --profile).
 
   "vjp"       a custom VJP: the weight gradient is one GEMM that writes (in, out), x^T g, over x and g
               flattened to 2-D (with 3-D operands XLA copies x^T out element by element first, which costs
               more than it saves); the input gradient is g w^T, as autodiff writes it. The same products,
               summed over the same axis; the forward is the same dot, so sampling is unchanged to the bit.
-              DiT-S/2's train step 5-7% faster on a 2-core Zen 5 EPYC, the embedded default's 7%.
+              DiT-S/2's train step 4-7% faster on a 2-core Zen 5 EPYC, the embedded default's 7%.
   "autodiff"  jax's own transpose rule. XLA on GPU and TPU assigns layouts to its GEMMs and folds such
               transposes; they keep it.
 

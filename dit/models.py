@@ -289,7 +289,7 @@ class Attention(nn.Module):
         qkv_add = None
         if cond is not None:
             qkv_add = Dense(3 * d, use_bias=False, kernel_init=xavier, dtype=self.dtype,
-                               name="qkv_time")(cond)
+                            name="qkv_time")(cond)
         proj_k, proj_b = DenseParams(d, name="proj")(d, self.dtype)
         return self_attention(x, qkv_k, qkv_b, proj_k, proj_b, self.num_heads, qkv_add=qkv_add, bias=bias)
 
