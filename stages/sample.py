@@ -28,7 +28,8 @@ CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("art
 WORK = Path("artifacts/.sample-work")
 LABELS = ("balanced", "uniform")
 # the code whose change changes a chunk's bytes: finished chunks made by other code are not reused
-RESULT_CODE = ("stages/sample.py", "dit/models.py", "dit/attention.py", "dit/diffusion.py", "dit/vae.py")
+RESULT_CODE = ("stages/sample.py", "dit/models.py", "dit/attention.py", "dit/linear.py", "dit/diffusion.py",
+               "dit/vae.py")
 
 
 def to_uint8(x):
