@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import grain
+import msgpack
 import numpy as np
 
-from pipelines.records import UnknownSchema, decode_record
+from pipelines.records import KNOWN_VERSIONS, UnknownSchema, decode_record
 
 FIELDS = ("mean", "logvar", "label", "index", "flip")
 
@@ -68,6 +69,56 @@ def parse(data: bytes, where: str) -> dict:
             "label": np.int32(r["label"]), "index": np.int32(r["index"]), "flip": np.int32(r["flip"])}
 
 
+# flax.serialization writes an ndarray as msgpack ExtType 1, holding msgpack (shape, dtype name, C-order bytes)
+_NDARRAY_EXT = 1
+
+
+class BadRecord(ValueError):
+    """decode_batch: the record at `position` of the batch is not a latent record of this batch's layout."""
+
+    def __init__(self, position: int, reason: str):
+        super().__init__(reason)
+        self.position = position
+
+
+def _ndarray_parts(code, data):
+    return tuple(msgpack.unpackb(data, raw=True)) if code == _NDARRAY_EXT else msgpack.ExtType(code, data)
+
+
+def decode_batch(datas: list[bytes]) -> dict:
+    """pipelines/records.py's records, a batch at a time: mean and logvar stacked, (n, h, w, c) in their
+    stored dtype, and label, index and flip as (n,) int64 arrays. The values decode_record gives record by
+    record, read without an array per record: each field's bytes are joined and read once (the loader's
+    decode and stack, 8x8x4 records: 9.7 against 2.2 us a record). A record decode_record refuses, or
+    whose latents' shape or dtype differ from the first record's, raises BadRecord with its position."""
+    if not datas:
+        raise ValueError("decode_batch: no records")
+    parts = {"mean": [], "logvar": []}
+    ints, layout = [], None
+    for i, data in enumerate(datas):
+        try:
+            r = msgpack.unpackb(data, ext_hook=_ndarray_parts, raw=False)
+        except Exception as e:  # msgpack's errors
+            raise BadRecord(i, f"cannot decode ({type(e).__name__}: {e})")
+        version = r.get("version", 1) if isinstance(r, dict) else None
+        if version not in KNOWN_VERSIONS or set(FIELDS) - set(r):
+            raise BadRecord(i, f"schema version {version!r}, fields {sorted(r) if isinstance(r, dict) else r}")
+        m, lv = r["mean"], r["logvar"]
+        if not (isinstance(m, tuple) and isinstance(lv, tuple) and len(m) == len(lv) == 3):
+            raise BadRecord(i, "mean or logvar is not an array")
+        layout = layout or (m[0], m[1])
+        if (m[0], m[1]) != layout or (lv[0], lv[1]) != layout:
+            raise BadRecord(i, f"latents {m[0]} {m[1].decode()}, the batch's first record's {layout[0]} "
+                               f"{layout[1].decode()}")
+        parts["mean"].append(m[2])
+        parts["logvar"].append(lv[2])
+        ints.append((r["label"], r["index"], r["flip"]))
+    shape, dtype = (len(datas), *layout[0]), np.dtype(layout[1].decode())
+    out = {k: np.frombuffer(bytearray().join(v), dtype).reshape(shape) for k, v in parts.items()}  # writable
+    out.update(zip(("label", "index", "flip"), np.asarray(ints, np.int64).reshape(-1, 3).T))
+    return out
+
+
 class ReadRows(grain.transforms.Map):
     """A global batch's positions -> this host's rows of it, read: {mean, logvar, label, index, flip,
     record} (`record`: global record numbers, what the 1-vs-2-host test compares)."""
@@ -85,12 +136,17 @@ class ReadRows(grain.transforms.Map):
             raw = [self._source[n] for n in numbers]  # __getitems__'s threads cost more on local disk
         except Exception as e:
             raise BadShard(f"{self._where(numbers[0])}: cannot read ({type(e).__name__}: {e})")
-        rows = [parse(data, self._where(n)) for n, data in zip(numbers, raw)]
-        if self.only_unflipped:
-            for n, row in zip(numbers, rows):
-                if row["flip"] != 0:
-                    raise BadShard(f"{self._where(n)}: expected an unflipped record (encode layout changed?)")
-        batch = {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+        try:
+            r = decode_batch(raw)
+        except Exception as e:  # let the one-record reader name what is wrong, where
+            at = e.position if isinstance(e, BadRecord) else 0
+            for n, data in zip(numbers[at:], raw[at:]):
+                parse(data, self._where(n))
+            raise BadShard(f"{self._where(numbers[at])}: {e}")
+        if self.only_unflipped and r["flip"].any():
+            n = numbers[int(np.argmax(r["flip"] != 0))]
+            raise BadShard(f"{self._where(n)}: expected an unflipped record (encode layout changed?)")
+        batch = {k: r[k].astype(np.float32 if k in ("mean", "logvar") else np.int32, copy=False) for k in FIELDS}
         batch["record"] = np.asarray(numbers, np.int64)
         return batch
 

@@ -138,3 +138,81 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_checkpoint(latents, tmp_pat
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and named in line and all(e in line for e in expected), line
     assert sha256_tree(ckpt) == before and not (wd / "artifacts/logs").exists()
+
+
+def test_a_bad_record_inside_a_batch_is_named(tmp_path):
+    """A record the loader cannot use, past the first one that check_shards reads: the batch that holds
+    it stops with its shard and record number (the batch decoder finds it, the one-record reader words it)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from pipelines.records import ARRAY_RECORD_OPTIONS, encode_record
+    from stages.loader import BadShard, ReadRows, open_records
+
+    good = [encode_record(np.zeros((8, 8, 4)), np.zeros((8, 8, 4)), 1, i, 0, f"k{i}") for i in range(8)]
+    cases = {"corrupt": (b"\xc1\xc1 not msgpack", "cannot decode"),
+             "other shape": (encode_record(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), 1, 5, 0, "k5"), "[4, 4, 4]")}
+    for name, (bad, words) in cases.items():
+        path = tmp_path / f"{name}.array_record"
+        w = ArrayRecordWriter(str(path), ARRAY_RECORD_OPTIONS)
+        for rec in good[:5] + [bad] + good[6:]:
+            w.write(rec)
+        w.close()
+        rows = ReadRows(open_records([path], [8], use_flips=True, flip_encoded=False), (0, 8), False)
+        assert rows.map(np.arange(8)[::-1][3:])["index"].tolist() == [4, 3, 2, 1, 0]  # the good ones read
+        with pytest.raises(BadShard, match=rf"{name}.array_record: record 5.*{words}"):
+            rows.map(np.arange(8))
+
+
+# ------------------------------------------------------------------------ the batch decoder
+
+
+def _batch_records(dtype="float32", n=6, version=2):
+    from flax import serialization
+
+    from pipelines import records
+
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        mean, logvar = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
+        if version == 2:
+            out.append(records.encode_record(mean, logvar, label=i % 3, index=100 + i, flip=i % 2,
+                                             key=f"k{i}", dtype=dtype))
+        else:  # version 1: no version field, float32, no key
+            out.append(serialization.msgpack_serialize({"mean": mean, "logvar": logvar, "label": i % 3,
+                                                        "index": 100 + i, "flip": i % 2}))
+    return out
+
+
+@pytest.mark.parametrize("dtype,version", [("float16", 2), ("float32", 2), ("float32", 1)])
+def test_decode_batch_equals_decode_record_stacked(dtype, version):
+    from pipelines.records import decode_record
+    from stages.loader import decode_batch
+
+    data = _batch_records(dtype, version=version)
+    got = decode_batch(data)
+    one = [decode_record(d) for d in data]
+    for k in ("mean", "logvar", "label", "index", "flip"):
+        want = np.stack([np.asarray(r[k]) for r in one])
+        assert got[k].shape == want.shape and got[k].dtype == (want.dtype if k in ("mean", "logvar") else np.int64)
+        np.testing.assert_array_equal(got[k], want)
+    assert got["mean"].flags.writeable and got["mean"].dtype == np.dtype(dtype)
+
+
+def test_decode_batch_names_the_bad_record():
+    from flax import serialization
+
+    from pipelines import records
+    from stages.loader import BadRecord, decode_batch
+
+    good = _batch_records()
+    other_shape = records.encode_record(np.zeros((2, 2, 4)), np.zeros((2, 2, 4)), 0, 0, 0, "k")
+    other_dtype = records.encode_record(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), 0, 0, 0, "k", dtype="float16")
+    future = serialization.msgpack_serialize({"version": 99, "mean": np.zeros(1, np.float32)})
+    no_flip = serialization.msgpack_serialize({"mean": np.zeros((4, 4, 4), np.float32),
+                                               "logvar": np.zeros((4, 4, 4), np.float32), "label": 1, "index": 0})
+    for bad, words in ((b"\xc1\xc1 not msgpack", "cannot decode"), (other_shape, "[2, 2, 4]"),
+                       (other_dtype, "float16"), (future, "version 99"), (no_flip, "fields")):
+        with pytest.raises(BadRecord, match=words) as e:
+            decode_batch(good[:4] + [bad] + good[4:])
+        assert e.value.position == 4
