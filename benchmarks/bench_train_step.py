@@ -28,7 +28,8 @@ torch.profiler's per-op self times.
 
 Each row ends with the GEMM floor: every matmul of the linear layers in one step (forward y = xW,
 backward dx = dy W^T and dW = x^T dy, for qkv, proj, fc1 and fc2 of every block), each timed on its own in
-XLA and in torch. These are ~97% of the step's flops, so "peer step / our GEMM floor" bounds the ratio
+XLA and in torch, with its operands laid out as that side's step holds them (LAYOUTS; the earlier measure,
+every product a plain (M, K) @ (K, N), is printed beside it). These are ~97% of the step's flops, so "peer step / our GEMM floor" bounds the ratio
 ours could reach if everything else -- attention, norms, activations, AdamW -- cost nothing. Each side's
 "overhead factor" is its step time over its own GEMM floor: 1.0 would be a step that is nothing but its
 linear layers' matmuls, so comparing the two factors is fair on any CPU, whatever its GEMMs.
@@ -204,35 +205,60 @@ def setup_peer(spec, batch, seed=0):
 
 
 def block_gemms(cfg, batch):
-    """(M, K, N) of each linear-layer matmul in one block's forward and backward."""
+    """(M, K, N) of each linear layer's forward matmul in one block: qkv, proj, fc1, fc2."""
     m, d, h = batch * cfg.num_patches, cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
-    shapes = []
-    for k, n in ((d, 3 * d), (d, d), (d, h), (h, d)):  # qkv, proj, fc1, fc2
-        shapes += [(m, k, n), (m, n, k), (k, m, n)]  # y = x W, dx = dy W^T, dW = x^T dy
-    return shapes
+    return [(m, k, n) for k, n in ((d, 3 * d), (d, d), (d, h), (h, d))]
 
 
-def gemm_floor(spec, batch, repeats=5):
-    """Seconds per step that the linear layers' matmuls alone take: (ours in XLA, peer in torch)."""
+# Each linear layer's three matmuls, with the operands laid out as each side's step holds them: ours keeps
+# W as (in, out), so y = x W, dx = dy W^T and dW = x^T dy, the last with its left operand transposed
+# (XLA:CPU gives YNNPACK no such GEMM and runs it on Eigen); torch's nn.Linear keeps W as (out, in), so
+# y = x W^T, dx = dy W and dW = dy^T x. "nn" is the earlier measure: every product fed as a plain
+# (M, K) @ (K, N), operands pre-transposed, on both sides.
+LAYOUTS = {
+    "ours": (("x", "w", lambda x, w: x @ w), ("g", "w", lambda g, w: g @ w.T), ("x", "g", lambda x, g: x.T @ g)),
+    "peer": (("x", "wt", lambda x, w: x @ w.t()), ("g", "wt", lambda g, w: g @ w), ("g", "x", lambda g, x: g.t() @ x)),
+}
+
+
+def gemm_floor(spec, batch, repeats=9):
+    """Seconds per step that the linear layers' matmuls alone take, each product timed alone, in XLA
+    (ours) and torch (peer): {"ours", "peer"} in each side's own operand layouts (LAYOUTS), and
+    {"ours nn", "peer nn"} with every product a plain (M, K) @ (K, N)."""
     import jax
     import torch
 
     cfg = row_config(spec)
     rng = np.random.default_rng(0)
-    mm = jax.jit(lambda a, b: a @ b)
-    total = {"ours": 0.0, "peer": 0.0}
-    for m, k, n in block_gemms(cfg, batch):
-        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-        ja, jb, ta, tb = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
-        for name, fn in (("ours", lambda: mm(ja, jb).block_until_ready()), ("peer", lambda: ta @ tb)):
+    total = dict.fromkeys(("ours", "peer", "ours nn", "peer nn"), 0.0)
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
             fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            total[name] += cfg.depth * float(np.median(times))
-    return total["ours"], total["peer"]
+            times.append(time.perf_counter() - t0)
+        return cfg.depth * float(np.median(times))
+
+    for m, k, n in block_gemms(cfg, batch):
+        a = {"x": rng.standard_normal((m, k), np.float32), "g": rng.standard_normal((m, n), np.float32),
+             "w": rng.standard_normal((k, n), np.float32)}
+        a["wt"] = np.ascontiguousarray(a["w"].T)
+        ours = {name: jax.device_put(v) for name, v in a.items()}
+        peer = {name: torch.from_numpy(v) for name, v in a.items()}
+        for l, r, fn in LAYOUTS["ours"]:
+            jf = jax.jit(fn)
+            total["ours"] += timed(lambda: jf(ours[l], ours[r]).block_until_ready())
+        for l, r, fn in LAYOUTS["peer"]:
+            total["peer"] += timed(lambda: fn(peer[l], peer[r]))
+        mm = jax.jit(lambda p, q: p @ q)
+        for p, q in (((m, k), (k, n)), ((m, n), (n, k)), ((k, m), (m, n))):  # y, dx, dW
+            lhs, rhs = rng.standard_normal(p, np.float32), rng.standard_normal(q, np.float32)
+            jl, jr, tl, tr = jax.device_put(lhs), jax.device_put(rhs), torch.from_numpy(lhs), torch.from_numpy(rhs)
+            total["ours nn"] += timed(lambda: mm(jl, jr).block_until_ready())
+            total["peer nn"] += timed(lambda: tl @ tr)
+    return total
 
 
 # -- op-class profile (--profile) -----------------------------------------------------------------
@@ -407,10 +433,12 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     per_round = ", ".join(f"{p[0] / o[0]:.2f}" for o, p in zip(rounds_["ours"], rounds_["peer"]))
     print(f"ratio ours/peer (img/s): wall median {pw / ow:.2f}x, wall best {pb / ob:.2f}x, "
           f"CPU time {pc / oc:.2f}x; per round (wall) {per_round}")
-    floor_ours, floor_peer = gemm_floor(spec, batch)
-    print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone): ours {1000 * floor_ours:.1f} ms "
-          f"({100 * floor_ours / ow:.0f}% of our step), peer {1000 * floor_peer:.1f} ms ({100 * floor_peer / pw:.0f}% "
-          f"of its step); the highest ratio ours could reach with everything else free: {pw / floor_ours:.2f}x")
+    floors = gemm_floor(spec, batch)
+    floor_ours, floor_peer = floors["ours"], floors["peer"]
+    print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone, operands as each side's "
+          f"step holds them): ours {1000 * floor_ours:.1f} ms ({100 * floor_ours / ow:.0f}% of our step), peer "
+          f"{1000 * floor_peer:.1f} ms ({100 * floor_peer / pw:.0f}% of its step); the highest ratio ours could "
+          f"reach with everything else free: {pw / floor_ours:.2f}x")
     print(f"non-GEMM time (median step - own GEMM floor; the issue's 'everything but the matmuls'): "
           f"ours {1000 * (ow - floor_ours):.1f} ms, peer {1000 * (pw - floor_peer):.1f} ms; "
           f"ours/peer {(ow - floor_ours) / (pw - floor_peer):.2f}")
@@ -418,9 +446,14 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     print(f"overhead factor (median step / own GEMM floor; 1.0 = nothing but the linears' matmuls): "
           f"ours {fo:.2f}, peer {fp:.2f}; ours/peer {fo / fp:.2f} (best-round steps: ours {ob / floor_ours:.2f}, "
           f"peer {pb / floor_peer:.2f})")
+    no, np_ = floors["ours nn"], floors["peer nn"]
+    print(f"  the same with every product a plain (M, K) @ (K, N) (the earlier measure): floor ours "
+          f"{1000 * no:.1f} ms, peer {1000 * np_:.1f} ms; overhead factor ours {ow / no:.2f}, peer {pw / np_:.2f}; "
+          f"ours/peer {(ow / no) / (pw / np_):.2f}")
     if profile:
         print_profile(profile_ours(ours, hlo, steps), profile_peer(peer, steps))
     return {"ours_ms": 1000 * ow, "peer_ms": 1000 * pw, "ratio": pw / ow, "overhead_ours": fo, "overhead_peer": fp,
+            "overhead_nn_ours": ow / no, "overhead_nn_peer": pw / np_,
             "non_gemm_ours_ms": 1000 * (ow - floor_ours), "non_gemm_peer_ms": 1000 * (pw - floor_peer)}
 
 
