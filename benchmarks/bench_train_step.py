@@ -123,11 +123,18 @@ def setup_ours(spec, batch, devices=1, seed=0, step_memory=True):
     compile_s = time.perf_counter() - t0
 
     def run(n):
+        """n steps, at most two in flight, as the train stage runs them (it reads step s-1's loss after
+        dispatching step s): with more queued, XLA:CPU's gradient all-reduce over several devices can
+        deadlock (README, known limits)."""
         t0, c0 = time.perf_counter(), time.process_time()
+        previous = None
         for _ in range(n):
             state["params"], state["opt"], loss = compiled(state["params"], state["opt"], x, y,
                                                            jax.random.fold_in(key, state["i"]))
             state["i"] += 1
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = loss
         jax.block_until_ready(loss)
         return time.perf_counter() - t0, time.process_time() - c0
 

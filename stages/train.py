@@ -299,6 +299,8 @@ def main(argv: list[str]) -> None:
                      for k in ("mean", "logvar", "label")}
             state, metrics = train_step(state, batch, step)
             step += 1
+            # reads step-1's metrics: at most two steps in flight. With many more queued, XLA:CPU's gradient
+            # all-reduce over several devices deadlocks (jax 0.10.2; README, under the params table).
             log.step_done(step, metrics)
             keep = bool(cfg["keep_every"]) and step % cfg["keep_every"] == 0
             if step == cfg["steps"] or step % cfg["ckpt_every"] == 0 or keep:
