@@ -31,23 +31,17 @@ all read the same checkpoint.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from dit.linear import matmul
+from dit.linear import choose_impl, matmul
 
 IMPLS = ("fused", "heads", "cudnn")
 
 
 def attention_impl(backend: str | None = None) -> str:
-    forced = os.environ.get("DIT_ATTENTION", "")
-    if forced:
-        if forced not in IMPLS:
-            raise ValueError(f"DIT_ATTENTION={forced!r}: choose one of {IMPLS}")
-        return forced
-    return {"cpu": "heads", "gpu": "cudnn"}.get(backend or jax.default_backend(), "fused")
+    return choose_impl("DIT_ATTENTION", IMPLS, {"cpu": "heads", "gpu": "cudnn"}, "fused", backend)
 
 
 def _forward(q, k, v, bias):

@@ -28,13 +28,18 @@ from jax import lax
 IMPLS = ("vjp", "autodiff")
 
 
-def linear_impl(backend: str | None = None) -> str:
-    forced = os.environ.get("DIT_LINEAR", "")
+def choose_impl(env: str, impls: tuple[str, ...], by_backend: dict, default: str, backend: str | None) -> str:
+    """A per-backend choice: $env if set (one of `impls`), else by_backend[backend] or `default`."""
+    forced = os.environ.get(env, "")
     if forced:
-        if forced not in IMPLS:
-            raise ValueError(f"DIT_LINEAR={forced!r}: choose one of {IMPLS}")
+        if forced not in impls:
+            raise ValueError(f"{env}={forced!r}: choose one of {impls}")
         return forced
-    return "vjp" if (backend or jax.default_backend()) == "cpu" else "autodiff"
+    return by_backend.get(backend or jax.default_backend(), default)
+
+
+def linear_impl(backend: str | None = None) -> str:
+    return choose_impl("DIT_LINEAR", IMPLS, {"cpu": "vjp"}, "autodiff", backend)
 
 
 def _dot(x, w):
