@@ -125,7 +125,7 @@ def setup_ours(spec, batch, devices=1, seed=0, step_memory=True):
     def run(n):
         """n steps, at most two in flight, as the train stage runs them (it reads step s-1's loss after
         dispatching step s): with more queued, XLA:CPU's gradient all-reduce over several devices can
-        deadlock (README, known limits)."""
+        deadlock (README, under the params table)."""
         t0, c0 = time.perf_counter(), time.process_time()
         previous = None
         for _ in range(n):
