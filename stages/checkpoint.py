@@ -7,8 +7,9 @@
       kept/<step>/ema             every train.keep_every-th step's EMA, kept for good (FID-vs-steps curves)
       model.json, manifest.json   written last, when the run completes; the manifest is the commit mark
 
-A checkpoint folder is resumed only when its fingerprint matches: the latents' hash, the root seed and
-every train.* param except RESULT_NEUTRAL. Otherwise it is moved aside whole (never mixed in) and the run
+A checkpoint folder is resumed only when its fingerprint matches: the latents' hash, the root seed, every
+train.* param except RESULT_NEUTRAL, and the bytes of RESULT_CODE (the code that computes the weights: a run
+resumed across a change to it would end with weights neither version gives). Otherwise it is moved aside whole (never mixed in) and the run
 starts fresh. No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data
 position is the step (stages/loader.py).
 """
@@ -21,6 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
+from stages.common import ROOT
+
 KEEP_LAST = 3
 FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders are then moved aside
 # Params that do not change the trained weights: how long (a longer run continues a shorter one), how
@@ -28,6 +31,10 @@ FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders
 # only the order of floating-point sums across devices differs).
 RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "cpu_devices",
                   "peak_tflops")
+# The code whose change changes the trained weights (the step, the batch order and decoding, the model,
+# the diffusion loss): each file's sha256 is in the fingerprint, so a change names the file.
+RESULT_CODE = ("stages/train.py", "stages/loader.py", "pipelines/records.py", "dit/models.py", "dit/attention.py",
+               "dit/linear.py", "dit/diffusion.py")
 
 
 # ------------------------------------------------------------------------------------- the fingerprint
@@ -36,7 +43,9 @@ RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers
 def identity(latents_sha256: str, params: dict) -> dict:
     """What a run's weights are a function of."""
     train = {k: v for k, v in sorted(params["train"].items()) if k not in RESULT_NEUTRAL}
-    return {"format": FORMAT, "latents_sha256": latents_sha256, "seed": params["seed"], "train": train}
+    code = {rel: hashlib.sha256((ROOT / rel).read_bytes()).hexdigest() for rel in RESULT_CODE}
+    return {"format": FORMAT, "latents_sha256": latents_sha256, "seed": params["seed"], "train": train,
+            "code": code}
 
 
 def fingerprint(ident: dict) -> str:
@@ -44,15 +53,16 @@ def fingerprint(ident: dict) -> str:
 
 
 def differences(old: dict, new: dict) -> str:
-    """'train.lr 0.001 -> 0.002, latents_sha256 ...' for the one line that says why a run starts fresh."""
+    """'train.lr 0.001 -> 0.002, code.dit/models.py '3f2a..' -> '9c1e..'' for the one line that says why a
+    run starts fresh (sha256s shortened to 12 hex digits)."""
+    short = lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            out += [f"{key}.{k} {short(a.get(k))!r} -> {short(b.get(k))!r}" for k in sorted(set(a) | set(b))
                     if a.get(k) != b.get(k)]
         elif a != b:
-            short = lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v
             out.append(f"{key} {short(a)!r} -> {short(b)!r}")
     return ", ".join(out) or "fingerprint differs"
 

@@ -134,6 +134,29 @@ def test_a_changed_fingerprint_moves_the_run_aside_and_starts_fresh(straight, tm
     assert saved_steps(wd) == [3] and [r["step"] for r in log(wd)] == [1, 2, 3]
 
 
+def test_a_finished_run_from_other_code_is_not_kept(straight, tmp_path):
+    """A finished run whose fingerprint names other bytes of a file that computes the weights (a `git pull`
+    that changed the model) is moved aside and retrained, never reported as done with the old weights."""
+    from stages.checkpoint import fingerprint
+
+    wd = tmp_path / "wd"
+    shutil.copytree(straight, wd)
+    ckpt = wd / "artifacts/checkpoints"
+    run = json.loads((ckpt / "run.json").read_text())
+    today = run["fingerprint"]
+    assert set(run["identity"]["code"]) >= {"dit/models.py", "stages/train.py", "stages/loader.py"}
+    run["identity"]["code"]["dit/models.py"] = "0" * 64  # what older code's run.json would hold
+    run["fingerprint"] = fingerprint(run["identity"])
+    (ckpt / "run.json").write_text(json.dumps(run))
+    proc = run_stage("train", wd, *RUN, "--set", "train.steps=3", env=ONE)
+    said = [l for l in proc.stdout.splitlines() if "moved to" in l]
+    assert len(said) == 1 and "code.dit/models.py '000000000000' -> " in said[0], proc.stdout
+    assert "nothing to do" not in proc.stdout
+    assert len(list((wd / "artifacts/checkpoints.aside").iterdir())) == 1
+    m = manifest(wd)
+    assert m["resumed_from_step"] == 0 and m["final_step"] == 3 and m["fingerprint"] == today
+
+
 def test_a_checkpoint_of_another_model_config_is_refused_untouched(straight, tmp_path):
     """A folder whose run.json claims this run but whose weights are another model's: exit 2."""
     from stages.checkpoint import fingerprint
