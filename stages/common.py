@@ -95,6 +95,50 @@ def _coerce(key: str, old: Any, raw: str) -> Any:
     return new
 
 
+def project_params(dvc_yaml: Path) -> dict | None:
+    """The project's own params file for the pipeline `dvc_yaml` declares (params.yaml, or released/'s),
+    matched by the dvc.yaml's bytes; None for a pipeline of the user's own."""
+    for folder in (ROOT, ROOT / "released"):
+        if (folder / "dvc.yaml").is_file() and (folder / "dvc.yaml").read_bytes() == dvc_yaml.read_bytes():
+            return yaml.safe_load((folder / "params.yaml").read_text())
+    return None
+
+
+def check_keys(params: dict, schema: dict, keys: list[str], path: Path) -> None:
+    """The declared params of a params file against the project's own (`schema`): one line for a key that
+    is missing (a file written before the key existed) or unknown (a misspelling, which would otherwise be
+    ignored); a float param that YAML 1.1 read as a string (1e-4, with no dot) becomes the float."""
+    def walk(prefix: str, user: dict, default: dict) -> None:
+        for k in user:
+            if k not in default:
+                fail(f"{prefix}{k}: unknown param in {path} ({prefix.rstrip('.')} has: {', '.join(default)})")
+        for k in default:
+            if k not in user:
+                fail(f"{prefix}{k}: missing from {path} (the project's params.yaml has "
+                     f"{k}: {json.dumps(default[k])})")
+        for k in user:
+            if isinstance(default[k], dict) and isinstance(user[k], dict):
+                walk(f"{prefix}{k}.", user[k], default[k])
+            elif isinstance(default[k], float) and isinstance(user[k], str):
+                try:
+                    user[k] = float(user[k])
+                except ValueError:
+                    pass
+
+    for key in keys:
+        try:
+            user, default = _get(params, key), _get(schema, key)
+        except KeyError:
+            continue  # a declared section missing from the file is named below
+        if isinstance(default, dict) and isinstance(user, dict):
+            walk(f"{key}.", user, default)
+        elif isinstance(default, float) and isinstance(user, str):
+            try:
+                _set(params, key, float(user))
+            except ValueError:
+                pass
+
+
 def load_params(stage: str, argv: list[str], description: str = "") -> dict:
     """Parse `[--params PATH] [--set key=value ...]`; return the declared subset of params.yaml."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
@@ -110,6 +154,9 @@ def load_params(stage: str, argv: list[str], description: str = "") -> dict:
     if not dvc_yaml.is_file():
         dvc_yaml = ROOT / "dvc.yaml"
     keys = declared_params(stage, dvc_yaml)
+    schema = project_params(dvc_yaml)
+    if schema is not None:
+        check_keys(params, schema, keys, path)
 
     for item in args.set:
         if "=" not in item:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -38,8 +39,11 @@ def model_config(cfg: dict, latents: dict):
         else:
             config = dit_config(None, depth=cfg["depth"], hidden_size=cfg["hidden_size"],
                                 num_heads=cfg["num_heads"], patch_size=cfg["patch_size"], **common)
-    except ValueError as e:  # e.g. a patch size that does not divide the latents
-        param = "train.patch_size" if "patch_size" in str(e) and not cfg["model"] else "train.model"
+    except ValueError as e:  # e.g. a patch size that does not divide the latents: name the param that set it
+        field = (re.match(r"DiTConfig\.(\w+)", str(e)) or [None, None])[1]
+        own = ("block", "class_dropout_prob", "dtype", "learn_sigma") + (
+            () if cfg["model"] else ("depth", "hidden_size", "num_heads", "patch_size"))
+        param = f"train.{field}" if field in own else "train.model" if cfg["model"] else "train"
         fail(f"{param}: {e} (artifacts/latents holds {h}x{w}x{c} latents)")
     if h != w or h % config.patch_size:
         fail(f"artifacts/latents: latents {h}x{w}x{c} do not fit the model: patch size {config.patch_size} "
@@ -57,6 +61,19 @@ def check_params(cfg: dict) -> None:
     keep = cfg["keep_every"]
     if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
         fail(f"train.keep_every: expected null or a positive number of steps, got {keep!r}")
+    for key, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("ema_decay", 0, 1),
+                           ("class_dropout_prob", 0, 1)):
+        v = cfg[key]
+        if not number(v) or v < low or (high is not None and v >= high) or (key == "lr" and v == 0):
+            want = f"a number in [{low}, {high})" if high is not None else (
+                "a positive number" if key == "lr" else "a number >= 0")
+            fail(f"train.{key}: expected {want}, got {v!r}")
+    for key in ("learn_sigma", "use_flips"):
+        if not isinstance(cfg[key], bool):
+            fail(f"train.{key}: expected true or false, got {cfg[key]!r}")
+    for key, low in (("seed", 0), ("num_workers", 0)):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
+            fail(f"train.{key}: expected an integer >= {low}, got {cfg[key]!r}")
     for key in ("grad_clip", "peak_tflops"):
         if cfg[key] is not None and not (number(cfg[key]) and cfg[key] > 0):
             fail(f"train.{key}: expected null (off) or a positive number, got {cfg[key]!r}")

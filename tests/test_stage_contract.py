@@ -143,3 +143,56 @@ def test_tree_hash_is_canonical():
     assert common.tree_sha256(a) == common.tree_sha256(b)
     b["b"] = b["b"] + 1e-7
     assert common.tree_sha256(a) != common.tree_sha256(b)
+
+
+def _params_file(workdir, edit):
+    text = (workdir / "params.yaml").read_text()
+    for old, new in edit:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path = workdir / "edited.yaml"
+    path.write_text(text)
+    return ["--params", str(path)]
+
+
+def test_a_float_written_without_a_dot_is_read_as_the_float(workdir):
+    """YAML 1.1 reads `lr: 1e-4` as the string '1e-4'; the project's own params file says lr is a float."""
+    view = common.load_params("train", _params_file(workdir, [("  lr: 0.001 ", "  lr: 1e-4 ")]))
+    assert view["train"]["lr"] == 1e-4 and isinstance(view["train"]["lr"], float)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ([("  grad_clip:", "  grad_clipp:")], "train.grad_clipp: unknown param"),    # a misspelling
+    ([("  cpu_devices: ", "  # cpu_devices: ")], "train.cpu_devices: missing from"),  # an older file
+    ([("mesh: {data: -1, fsdp: 1}", "mesh: {data: -1}")], "train.mesh.fsdp: missing from"),
+])
+def test_a_missing_or_unknown_param_is_one_line(workdir, edit, needle):
+    with pytest.raises(common.StageError, match=needle.replace(".", r"\.")):
+        common.load_params("train", _params_file(workdir, edit))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("lr", "1e-4x"), ("lr", 0.0), ("lr", -1.0), ("weight_decay", -0.1), ("ema_decay", 1.0),
+    ("class_dropout_prob", 1.5), ("learn_sigma", "yes"), ("use_flips", 1), ("seed", 1.5), ("num_workers", -1),
+])
+def test_train_params_are_checked_before_anything_is_touched(workdir, key, value):
+    from stages import train
+
+    cfg = common.load_params("train", ["--params", str(workdir / "params.yaml")])["train"]
+    train.check_params(cfg)  # the project's own values pass
+    with pytest.raises(common.StageError, match=f"train.{key}: expected"):
+        train.check_params({**cfg, key: value})
+
+
+@pytest.mark.parametrize("sets, needle", [
+    ({"num_heads": 5}, "train.num_heads: DiTConfig.num_heads=5 does not divide"),
+    ({"hidden_size": 130, "num_heads": 2}, "train.hidden_size: "),
+    ({"block": "foo"}, "train.block: "),
+    ({"model": "DiT-Q/2"}, "train.model: unknown DiT model name"),
+])
+def test_a_bad_model_field_names_its_own_param(workdir, sets, needle):
+    from stages import train
+
+    cfg = common.load_params("train", ["--params", str(workdir / "params.yaml")])["train"]
+    with pytest.raises(common.StageError, match=needle):
+        train.model_config({**cfg, **sets}, {"latent_shape": (8, 8, 4), "num_classes": 10})
