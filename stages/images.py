@@ -69,3 +69,5 @@ def iter_images(index: dict, image_size: int):
             yield str(path), label, load_image(path, image_size)
         except BadImage as e:
             yield str(path), label, e
+        except OSError as e:  # a file that vanished or cannot be read since the data stage listed it
+            yield str(path), label, BadImage(f"cannot read: {e}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import Manifest, atomic_dir, fail, load_params, main_guard, read_manifest, require_path
-from stages.images import BadImage, iter_items, load_image, read_index
+from stages.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/vae")
 EVAL_BATCH = 128  # one fixed shape (the last batch is padded), so the eval function compiles once
@@ -80,13 +80,11 @@ def read_images(image_size: int, manifest: Manifest) -> np.ndarray:
     """Every image the data stage accepted, as uint8 NHWC; unreadable ones skipped and listed."""
     index = read_index(DATA)
     images = []
-    for _, path, _ in iter_items(index):
-        try:
-            images.append(load_image(path, image_size))
-        except BadImage as e:
-            manifest.skip(str(path), str(e))
-        except OSError as e:  # vanished or unreadable file
-            manifest.skip(str(path), f"cannot read: {e}")
+    for key, _, image in iter_images(index, image_size):  # image files or a tfds split alike
+        if isinstance(image, BadImage):
+            manifest.skip(key, str(image))
+        else:
+            images.append(image)
     manifest.counts["total"] = len(index["items"])
     manifest.counts["skipped"] = len(manifest.skipped)
     manifest.counts["processed"] = len(images)

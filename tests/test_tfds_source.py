@@ -56,6 +56,7 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
 
     from pipelines import sources
     from stages import data, encode
+    from stages.common import Manifest
     from stages.images import BadImage, iter_images, read_index
 
     monkeypatch.chdir(workdir)
@@ -68,7 +69,11 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
         encode.main(["--set", "data.image_size=16", "--set", "encode.batch_size=4", "--set", "encode.shards=2",
                      "--set", "encode.num_workers=1", "--set", "encode.dtype=float16"])
         index = read_index(workdir / "artifacts/data")
-        seen = list(iter_images(index, 16))  # what the reference stage reads
+        seen = list(iter_images(index, 16))  # what the reference and yardsticks stages read
+        from stages import vae  # the vae stage trains on the same split (no pretrained VAE given)
+
+        vm = Manifest("vae", {})
+        trained_on = vae.read_images(16, vm)
 
     dm = json.loads((workdir / "artifacts/data/manifest.json").read_text())
     assert dm["counts"] == {"total": N, "processed": N - 1, "skipped": 1, "classes": 1000}
@@ -94,6 +99,8 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
 
     assert [k for k, _, _ in seen] == [key(i) for i in range(N)]
     assert [isinstance(img, BadImage) for _, _, img in seen] == [i == BAD for i in range(N)]
+    assert trained_on.shape == (N - 1, 16, 16, 3) and trained_on.dtype == np.uint8
+    assert [s["item"] for s in vm.skipped] == [key(BAD)] and vm.counts["processed"] == N - 1
 
 
 @pytest.mark.parametrize("extra, needle", [
