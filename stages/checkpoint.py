@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-from stages.common import ROOT
+from stages.common import ROOT, remove_debris
 
 KEEP_LAST = 3
 FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders are then moved aside
@@ -97,25 +95,7 @@ def clean_debris(ckpt_dir: Path) -> list[Path]:
     """Remove what dead runs of the previous trainer left beside the folder (.checkpoints.tmp-<pid>,
     .checkpoints.old-<pid>): only those whose process is gone. Orbax's own tmp step folders are removed
     by the manager (cleanup_tmp_directories)."""
-    ckpt_dir = Path(ckpt_dir)
-    removed = []
-    for p in ckpt_dir.parent.glob(f".{ckpt_dir.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return remove_debris(ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------- Orbax managers

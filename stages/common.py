@@ -208,11 +208,6 @@ def load_inception(evaluate: dict):
         fail(f"evaluate.inception_source/inception_path: {e}")
 
 
-def require(cond: bool, message: str) -> None:
-    if not cond:
-        fail(message)
-
-
 # ---------------------------------------------------------------------------------------------- hashes
 
 
@@ -280,52 +275,50 @@ def code_version() -> dict:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path | str, shared: bool = False) -> Iterator[Path]:
-    """Yield a fresh sibling temp folder; on success it replaces `final`, on failure it is removed.
-
-    shared=True is for a folder that every JAX process writes into (Orbax's multi-host checkpoints, on a
-    filesystem all hosts see): the processes agree on one temp name, process 0 makes the folder and
-    renames it into place, and the others meet it at a barrier before and after writing.
-    """
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a fresh sibling temp folder (.<name>.tmp-<pid>); on success it replaces `final`, on failure it
+    is removed. What killed runs left beside `final` is removed first (remove_debris)."""
     final = Path(final)
-    rank, count = _jax_process(shared)
-    multi, primary = count > 1, rank == 0
-    tmp = final.with_name(f".{final.name}.tmp-{'shared' if multi else os.getpid()}")
-    if primary:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    if multi:
-        _barrier(f"atomic_dir open {final}")
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if multi:
-        _barrier(f"atomic_dir close {final}")
-    if primary:
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _jax_process(in_cluster: bool) -> tuple[int, int]:
-    """(this process's index, the number of processes) of the JAX cluster; (0, 1) outside one."""
-    if not in_cluster:
-        return 0, 1
-    import jax
+def remove_debris(final: Path | str) -> list[Path]:
+    """Remove the temp and old folders (.<name>.tmp-<pid>, .<name>.old-<pid>) that runs killed mid-write
+    (SIGKILL, OOM, a preempted VM) left beside `final`: only those whose process is gone, so a run still
+    writing keeps its own. On an ImageNet-sized output each is tens of GB."""
+    final = Path(final)
+    removed = []
+    for p in final.parent.glob(f".{final.name}.*-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
-    return jax.process_index(), jax.process_count()
 
-
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -196,3 +196,30 @@ def test_a_bad_model_field_names_its_own_param(workdir, sets, needle):
     cfg = common.load_params("train", ["--params", str(workdir / "params.yaml")])["train"]
     with pytest.raises(common.StageError, match=needle):
         train.model_config({**cfg, **sets}, {"latent_shape": (8, 8, 4), "num_classes": 10})
+
+
+def test_atomic_dir_removes_what_killed_runs_left(tmp_path):
+    """A stage killed mid-write (SIGKILL: no cleanup runs) leaves .<name>.tmp-<pid>; the next run removes
+    it, and keeps a folder whose writer is still alive."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from stages.common import atomic_dir\n"
+            "with atomic_dir(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'half.bin').write_bytes(b'x' * 1000); os.kill(os.getpid(), 9)\n")
+    final = tmp_path / "latents"
+    left = []
+    for _ in range(2):  # the second killed run removes the first's folder before it makes its own
+        proc = subprocess.run([sys.executable, "-c", code, str(final), str(ROOT)])
+        assert proc.returncode == -signal.SIGKILL
+        left.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert [len(names) for names in left] == [1, 1] and left[0] != left[1] and not final.exists()
+    assert all(names[0].startswith(".latents.tmp-") for names in left)
+    alive = tmp_path / f".latents.tmp-{os.getppid()}"  # a writer still running (this test's parent)
+    alive.mkdir()
+    with common.atomic_dir(final) as tmp:
+        (tmp / "done.bin").write_bytes(b"y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latents", alive.name])
+    assert [p.name for p in final.iterdir()] == ["done.bin"]
