@@ -107,6 +107,8 @@ def main(argv: list[str]) -> None:
         fail(f"data.source: unknown source '{source}' (expected digits, imagefolder or tfds)")
     if not isinstance(size, int) or size < 8:
         fail(f"data.image_size: expected an integer >= 8, got {size!r}")
+    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 1:
+        fail(f"data.min_size: expected a positive integer (pixels), got {min_size!r}")
     if cfg["limit"] is not None and (not isinstance(cfg["limit"], int) or cfg["limit"] < 1):
         fail(f"data.limit: expected a positive integer or null, got {cfg['limit']!r}")
     manifest = Manifest("data", params)

@@ -31,6 +31,9 @@ def main(argv: list[str]) -> None:
     method = cfg.get("fid_method", "sqrtm")
     if method not in ("sqrtm", "eigh"):
         fail(f"evaluate.fid_method: {method!r}; use sqrtm (ADM's) or eigh (the same FID to ~1e-7, faster)")
+    batch = cfg["batch_size"]
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        fail(f"evaluate.batch_size: expected a positive integer (images per device per call), got {batch!r}")
     manifest = Manifest("evaluate", params)
     sample_manifest = read_manifest(SAMPLES)
     read_manifest(REFERENCE)

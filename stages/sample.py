@@ -215,7 +215,8 @@ def main(argv: list[str]) -> None:
     config = DiTConfig(**info["dit"])
     check_params(cfg, config.num_classes)
     guided = cfg["guided_channels"]
-    if guided is not None and not 1 <= guided <= config.in_channels:
+    if guided is not None and (not isinstance(guided, int) or isinstance(guided, bool)
+                               or not 1 <= guided <= config.in_channels):
         fail(f"sample.guided_channels: expected 1..{config.in_channels} or null, got {guided!r}")
     spacing = str(cfg["num_sampling_steps"])
     try:

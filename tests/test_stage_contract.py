@@ -33,6 +33,7 @@ def test_set_overrides_and_coerces(workdir):
     (["--set", "data.source=imagefolder"], "data.path"),
     (["--set", "data.source=imagefolder", "--set", "data.path=/no/such/dir"], "/no/such/dir"),
     (["--set", "data.source=webdataset"], "data.source"),
+    (["--set", "data.min_size=0"], "data.min_size"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(workdir, args, needle):
     proc = run_stage("data", workdir, *args, check=False)
@@ -46,6 +47,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(workdir, args, needle):
     ("curves", ["--set", "curves.samplers=['dpm++10', 'bogus']"], "curves.samplers"),
     ("curves", ["--set", "curves.train_sampler=dpm++x"], "curves.train_sampler"),
     ("evaluate", ["--set", "evaluate.fid_method=svd"], "evaluate.fid_method"),
+    ("evaluate", ["--set", "evaluate.batch_size=0"], "evaluate.batch_size"),
 ])
 def test_a_bad_choice_is_named_before_reading_artifacts(workdir, stage, args, needle):
     """No upstream artifacts exist here: the sampler names and the FID method are checked first, in one
