@@ -1,7 +1,8 @@
 """Where the encode job's images come from: work units that any Beam worker can read on its own.
 
 A unit names its images without holding them, so a runner ships a few bytes per unit to its workers:
-- ("files", [(index, path, label, key), ...]): one VAE batch of image files on any Beam FileSystem;
+- ("files", [(index, path, label, key[, sha256]), ...]): one VAE batch of image files on any Beam
+  FileSystem; with the sha256 the data stage recorded, a file whose bytes changed since is skipped;
 - ("tfds", spec, start, stop): positions [start, stop) of a tensorflow-datasets split, read in order
   (interleave cycle 1, no file shuffling) so position p is always the same example. `spec` is the data
   index's `tfds` entry: {name, split, data_dir, num_examples, image_key, label_key}.
@@ -11,13 +12,14 @@ whatever the runner does with the units.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 TFDS_CHUNK_BATCHES = 16  # batches per tfds unit: few units, and little reading to skip into a file
 
 
-def file_units(items: list[tuple[int, str, int, str]], batch_size: int) -> list[tuple]:
-    """Group (index, path, label, key) items into one unit per VAE batch."""
+def file_units(items: list[tuple], batch_size: int) -> list[tuple]:
+    """Group (index, path, label, key[, sha256]) items into one unit per VAE batch."""
     batches: dict[int, list] = {}
     for item in items:
         batches.setdefault(item[0] // batch_size, []).append(tuple(item))
@@ -58,14 +60,26 @@ def read_unit(unit: tuple) -> Iterator[tuple[int, str, int, bytes | None, str | 
     if unit[0] == "files":
         from pipelines import storage
 
-        for index, path, label, key in sorted(unit[1]):
+        for index, path, label, key, *sha in sorted(unit[1]):
             try:
-                yield index, key, label, storage.read_bytes(path), None
+                data = storage.read_bytes(path)
             except Exception as e:  # the file went away or is unreadable since the data stage ran
                 yield index, key, label, None, f"cannot read: {type(e).__name__}: {e}"
+                continue
+            changed = changed_since_indexed(data, *sha)
+            yield index, key, label, None if changed else data, changed
     elif unit[0] == "tfds":
         _, spec, start, stop = unit
         for index, key, label, data in iter_tfds(spec, start, stop):
             yield index, key, label, data, None
     else:
         raise ValueError(f"unknown work unit kind {unit[0]!r}")
+
+
+def changed_since_indexed(data: bytes, sha256: str | None = None) -> str | None:
+    """None if `data` is what the data stage hashed (or no hash was recorded), else the reason to skip it:
+    an image replaced after the index was made would be encoded under the old image's provenance."""
+    if not sha256 or hashlib.sha256(data).hexdigest() == sha256:
+        return None
+    return f"changed since the data stage: sha256 {hashlib.sha256(data).hexdigest()[:12]}, index.json has {sha256[:12]}"
+

@@ -36,8 +36,8 @@ def work_units(index: dict, batch_size: int) -> tuple[list[tuple], int]:
         spec = index["tfds"]
         return sources.tfds_units(spec, batch_size), spec["num_examples"]
     root = str(index["root_path"])
-    items = [(i, f"{root.rstrip('/')}/{rel}", int(label), rel)
-             for i, (rel, label, _) in enumerate(index["items"])]
+    items = [(i, f"{root.rstrip('/')}/{rel}", int(label), rel, sha)
+             for i, (rel, label, sha) in enumerate(index["items"])]
     return sources.file_units(items, batch_size), len(items)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipelines.images import (IMAGE_EXTENSIONS, BadImage, center_crop_arr, decode_image,  # noqa: F401
                               decode_rgb)
+from pipelines.sources import changed_since_indexed
 
 
 def open_rgb(path: Path | str, min_size: int = 1):
@@ -44,12 +45,12 @@ def read_index(data_dir: Path | str) -> dict:
 
 
 def iter_items(index: dict):
-    """(global index, absolute path, label) for every image file the data stage accepted."""
+    """(global index, absolute path, label, sha256) for every image file the data stage accepted."""
     if index["source"] == "tfds":
         raise ValueError("this data index is a tensorflow-datasets split, not image files")
     root = index["root_path"]
-    for i, (rel, label, _) in enumerate(index["items"]):
-        yield i, root / rel, int(label)
+    for i, (rel, label, sha) in enumerate(index["items"]):
+        yield i, root / rel, int(label), sha
 
 
 def iter_images(index: dict, image_size: int):
@@ -64,10 +65,14 @@ def iter_images(index: dict, image_size: int):
             except BadImage as e:
                 yield key, label, e
         return
-    for _, path, label in iter_items(index):
+    for _, path, label, sha in iter_items(index):
         try:
-            yield str(path), label, load_image(path, image_size)
+            data = Path(path).read_bytes()
+        except OSError as e:  # a file that vanished or cannot be read since the data stage listed it
+            yield str(path), label, BadImage(f"cannot read: {type(e).__name__}: {e}")
+            continue
+        changed = changed_since_indexed(data, sha)
+        try:
+            yield str(path), label, BadImage(changed) if changed else decode_image(data, image_size)
         except BadImage as e:
             yield str(path), label, e
-        except OSError as e:  # a file that vanished or cannot be read since the data stage listed it
-            yield str(path), label, BadImage(f"cannot read: {e}")

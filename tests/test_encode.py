@@ -80,14 +80,16 @@ def test_same_bytes_in_memory_and_multi_processing(encoded):
     assert first == second
 
 
-def test_unreadable_image_is_skipped_and_listed(encoded):
+def test_an_image_changed_since_the_data_stage_is_skipped_and_listed(encoded):
+    """An image overwritten after the data stage indexed it (here with bytes that do not even decode) is
+    not encoded under the old image's sha256: its bytes are checked against index.json."""
     index = json.loads((encoded / "artifacts/data/index.json").read_text())
     victim = encoded / "artifacts/data/images" / index["items"][3][0]
     victim.write_bytes(b"garbage")
     run_stage("encode", encoded, "--set", "data.image_size=16", "--set", "encode.num_workers=1", "--set", "encode.batch_size=8")
     _, m = shard_hashes(encoded)
     assert m["counts"] == {"total": 20, "processed": 19, "skipped": 1, "records": 38}
-    assert m["skipped"][0]["item"].endswith(index["items"][3][0]) and "cannot decode" in m["skipped"][0]["reason"]
+    assert m["skipped"][0]["item"].endswith(index["items"][3][0]) and "changed since the data stage" in m["skipped"][0]["reason"]
 
 
 def test_too_many_shards_is_refused(encoded):

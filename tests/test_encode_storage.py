@@ -121,8 +121,11 @@ def test_testfs_run_gives_the_local_bytes(tmp_path, testfs):
     shutil.copytree(local / "vae", testfs / "vae")
     (local / "out").mkdir()
 
-    def items(root):
-        return [(i, f"{root}/{rel}", i % 2, rel) for i, rel in enumerate(rels)]
+    def items(root):  # with the sha256 the data stage recorded; img2's bytes have changed since
+        sha = {rel: hashlib.sha256((local / "images" / rel).read_bytes()).hexdigest()
+               for rel in rels if (local / "images" / rel).is_file()}
+        sha["c0/img2.png"] = "0" * 64
+        return [(i, f"{root}/{rel}", i % 2, rel, sha.get(rel)) for i, rel in enumerate(rels)]
 
     args = dict(image_size=16, batch_size=4, num_shards=3, flip=True, dtype="float16")
     shards_a, skipped_a = run(file_units(items(local / "images"), 4), str(local / "vae"),
@@ -131,10 +134,11 @@ def test_testfs_run_gives_the_local_bytes(tmp_path, testfs):
 
     assert TestFS.calls > 20  # images, VAE files, shards and side files all went through it
     assert shards_a == shards_b and len(shards_a) == 3
-    assert sum(s["records"] for s in shards_a) == 2 * (len(rels) - 1)
+    assert sum(s["records"] for s in shards_a) == 2 * (len(rels) - 2)
     a, b = shard_bytes(local / "out"), shard_bytes(testfs / "out")
     assert a == b and len(a) == 3
     assert all(hashlib.sha256(a[s["file"]]).hexdigest() == s["sha256"] for s in shards_a)
-    assert [s["item"] for s in skipped_a] == [s["item"] for s in skipped_b] == ["c1/gone.png"]
-    assert "cannot read" in skipped_b[0]["reason"]
+    assert [s["item"] for s in skipped_a] == [s["item"] for s in skipped_b] == ["c0/img2.png", "c1/gone.png"]
+    assert "changed since the data stage" in skipped_b[0]["reason"] and "000000000000" in skipped_b[0]["reason"]
+    assert "cannot read" in skipped_b[1]["reason"]
     assert sorted(p.name for p in (testfs / "out").iterdir()) == sorted(a)  # no side or temp files left

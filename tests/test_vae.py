@@ -1,5 +1,6 @@
 """The Flax AutoencoderKL against diffusers' (random weights, converted), its files, and the vae stage."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -205,9 +206,9 @@ def write_data(root: Path, n: int = 20, size: int = 16) -> None:
         rel = f"{i % 2}/{i:05d}.png"
         (data / "images" / str(i % 2)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(data / "images" / rel)
-        items.append([rel, i % 2, "0" * 64])
+        items.append([rel, i % 2, hashlib.sha256((data / "images" / rel).read_bytes()).hexdigest()])
     (data / "images" / "1" / "broken.png").write_bytes(b"not a png")
-    items.append(["1/broken.png", 1, "0" * 64])
+    items.append(["1/broken.png", 1, "0" * 64])  # the sha256 of the bytes the data stage saw
     (data / "index.json").write_text(json.dumps({"root": "images", "classes": ["0", "1"], "items": items}))
     (data / "manifest.json").write_text("{}")
 
