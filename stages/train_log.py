@@ -6,7 +6,10 @@
   the device for them; before a checkpoint the current step is read (a state is saved only after its
   step's loss and gradient norm were seen finite).
 - Windows: a line holds the means of loss, mse, vb and grad norm since the previous line. Their running
-  sums travel in each checkpoint's meta item, so a resumed run writes the lines an uninterrupted one does.
+  sums travel in each checkpoint's meta item, so a run resumed after a kill writes the lines an
+  uninterrupted one does. A finished run extended past its old `train.steps` keeps the line it wrote at
+  that final step; where that step is not a multiple of log_every, the next window starts there (a line
+  more than a run made with the larger `steps` from the start; the weights are the same).
 - Timing pauses around checkpoint saves and skips each process's first (compiling) step; img/s and MFU are
   null when a window holds no timed step.
 - MFU = 2 x forward MACs per image (dit.flops counts a multiply-add as one flop, as the paper does; peak
