@@ -79,7 +79,10 @@ def read_unit(unit: tuple) -> Iterator[tuple[int, str, int, bytes | None, str | 
 def changed_since_indexed(data: bytes, sha256: str | None = None) -> str | None:
     """None if `data` is what the data stage hashed (or no hash was recorded), else the reason to skip it:
     an image replaced after the index was made would be encoded under the old image's provenance."""
-    if not sha256 or hashlib.sha256(data).hexdigest() == sha256:
+    if not sha256:
         return None
-    return f"changed since the data stage: sha256 {hashlib.sha256(data).hexdigest()[:12]}, index.json has {sha256[:12]}"
+    got = hashlib.sha256(data).hexdigest()
+    if got == sha256:
+        return None
+    return f"changed since the data stage: sha256 {got[:12]}, index.json has {sha256[:12]}"
 

@@ -8,9 +8,10 @@
       model.json, manifest.json   written last, when the run completes; the manifest is the commit mark
 
 A checkpoint folder is resumed only when its fingerprint matches: the latents' hash, the root seed, every
-train.* param except RESULT_NEUTRAL, and the bytes of RESULT_CODE (the code that computes the weights: a run
-resumed across a change to it would end with weights neither version gives). Otherwise it is moved aside whole (never mixed in) and the run
-starts fresh. No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data
+train.* param except RESULT_NEUTRAL, and the bytes of RESULT_CODE (the code that computes the weights: a
+run resumed across a change to it would end with weights neither version gives). Otherwise it is moved
+aside whole (never mixed in) and the run starts fresh. What dead trainers left beside the folder
+(.checkpoints.tmp-<pid>, .old-<pid>) is removed by common.remove_debris; Orbax removes its own tmp steps. No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data
 position is the step (stages/loader.py).
 """
 
@@ -20,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from stages.common import ROOT, remove_debris
+from stages.common import ROOT
 
 KEEP_LAST = 3
 FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders are then moved aside
@@ -89,13 +90,6 @@ def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
         if f.is_file():
             f.rename(dest / f.name)
     return dest
-
-
-def clean_debris(ckpt_dir: Path) -> list[Path]:
-    """Remove what dead runs of the previous trainer left beside the folder (.checkpoints.tmp-<pid>,
-    .checkpoints.old-<pid>): only those whose process is gone. Orbax's own tmp step folders are removed
-    by the manager (cleanup_tmp_directories)."""
-    return remove_debris(ckpt_dir)
 
 
 # ------------------------------------------------------------------------------------- Orbax managers

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from stages.common import (Manifest, fail, init_distributed, load_params, main_guard, read_manifest,
-                           tree_sha256, write_json)
+                           remove_debris, tree_sha256, write_json)
 
 LATENTS, CKPT, LOG = Path("artifacts/latents"), Path("artifacts/checkpoints"), Path("artifacts/logs/train.jsonl")
 
@@ -252,7 +252,7 @@ def main(argv: list[str]) -> None:
             print(f"train: {CKPT} was trained from something else ({aside}); moved to {dest}, starting fresh")
         elif start == 0 and CKPT.exists():
             shutil.rmtree(CKPT)  # a run that died before its first checkpoint: nothing worth keeping
-        checkpoint.clean_debris(CKPT)
+        remove_debris(CKPT)  # what dead trainers left beside the folder
         CKPT.mkdir(parents=True, exist_ok=True)
         for name in ("manifest.json", "model.json"):  # the folder is a run in progress until the end
             (CKPT / name).unlink(missing_ok=True)
