@@ -7,6 +7,7 @@ tensorflow-datasets example), never by opening a path here.
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import numpy as np
@@ -77,3 +78,14 @@ def read_image(path: str, image_size: int, min_size: int = 1) -> np.ndarray:
     except Exception as e:  # BeamIOError, OSError: the file went away after indexing
         raise BadImage(f"cannot read: {type(e).__name__}: {e}") from None
     return decode_image(data, image_size, min_size)
+
+
+def changed_since_indexed(data: bytes, sha256: str | None = None) -> str | None:
+    """None if `data` is what the data stage hashed (or no hash was recorded), else the reason to skip it:
+    an image replaced after the index was made would be encoded under the old image's provenance."""
+    if not sha256:
+        return None
+    got = hashlib.sha256(data).hexdigest()
+    if got == sha256:
+        return None
+    return f"changed since the data stage: sha256 {got[:12]}, index.json has {sha256[:12]}"

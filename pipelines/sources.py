@@ -12,8 +12,9 @@ whatever the runner does with the units.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator
+
+from pipelines.images import changed_since_indexed
 
 TFDS_CHUNK_BATCHES = 16  # batches per tfds unit: few units, and little reading to skip into a file
 
@@ -74,15 +75,3 @@ def read_unit(unit: tuple) -> Iterator[tuple[int, str, int, bytes | None, str | 
             yield index, key, label, data, None
     else:
         raise ValueError(f"unknown work unit kind {unit[0]!r}")
-
-
-def changed_since_indexed(data: bytes, sha256: str | None = None) -> str | None:
-    """None if `data` is what the data stage hashed (or no hash was recorded), else the reason to skip it:
-    an image replaced after the index was made would be encoded under the old image's provenance."""
-    if not sha256:
-        return None
-    got = hashlib.sha256(data).hexdigest()
-    if got == sha256:
-        return None
-    return f"changed since the data stage: sha256 {got[:12]}, index.json has {sha256[:12]}"
-

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.images import (IMAGE_EXTENSIONS, BadImage, center_crop_arr, decode_image,  # noqa: F401
-                              decode_rgb)
-from pipelines.sources import changed_since_indexed
+from pipelines.images import (IMAGE_EXTENSIONS, BadImage, center_crop_arr, changed_since_indexed,  # noqa: F401
+                              decode_image, decode_rgb)
 
 
 def open_rgb(path: Path | str, min_size: int = 1):
