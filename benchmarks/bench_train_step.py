@@ -32,7 +32,10 @@ XLA and in torch, with its operands laid out as that side's step holds them (LAY
 every product a plain (M, K) @ (K, N), is printed beside it). These are ~97% of the step's flops, so "peer step / our GEMM floor" bounds the ratio
 ours could reach if everything else -- attention, norms, activations, AdamW -- cost nothing. Each side's
 "overhead factor" is its step time over its own GEMM floor: 1.0 would be a step that is nothing but its
-linear layers' matmuls, so comparing the two factors is fair on any CPU, whatever its GEMMs.
+linear layers' matmuls, so comparing the two factors is fair on any CPU, whatever its GEMMs. The floor
+is timed after every round (5 repeats a product) and its median reported; each round's ratio of the two
+factors, from that round's steps and the floor timed right after them, is printed too, since this kind of
+VM drifts by 10-30% within an hour and a floor timed minutes after the steps moved the ratio by as much.
 """
 
 from __future__ import annotations
@@ -421,11 +424,13 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     peer, threads = setup_peer(spec, batch)
     ours(1), peer(1)  # warm-up
     rounds_ = {"ours": [], "peer": []}
-    for _ in range(rounds):
+    round_floors = []  # the GEMM floor timed again after every round, so that both sides' steps and floors
+    for _ in range(rounds):  # see the machine in the same state (this VM's speed drifts by 10-30% an hour)
         for name, run in (("ours", ours), ("peer", peer)):
             run(warmup)  # untimed: each side resumes after the other's round before it is timed
             wall, cpu = run(steps)
             rounds_[name].append((wall / steps, cpu / steps))
+        round_floors.append(gemm_floor(spec, batch, repeats=5))
     med = lambda v: float(np.median(v))
     stats = {}
     split = f"batch split over {devices} XLA:CPU devices" if devices > 1 else "one XLA:CPU device"
@@ -440,10 +445,10 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     per_round = ", ".join(f"{p[0] / o[0]:.2f}" for o, p in zip(rounds_["ours"], rounds_["peer"]))
     print(f"ratio ours/peer (img/s): wall median {pw / ow:.2f}x, wall best {pb / ob:.2f}x, "
           f"CPU time {pc / oc:.2f}x; per round (wall) {per_round}")
-    floors = gemm_floor(spec, batch)
+    floors = {k: med([f[k] for f in round_floors]) for k in round_floors[0]}
     floor_ours, floor_peer = floors["ours"], floors["peer"]
     print(f"GEMM floor (linear-layer matmuls of one step, fwd+bwd, each timed alone, operands as each side's "
-          f"step holds them): ours {1000 * floor_ours:.1f} ms ({100 * floor_ours / ow:.0f}% of our step), peer "
+          f"step holds them; median of the floors timed after each round): ours {1000 * floor_ours:.1f} ms ({100 * floor_ours / ow:.0f}% of our step), peer "
           f"{1000 * floor_peer:.1f} ms ({100 * floor_peer / pw:.0f}% of its step); the highest ratio ours could "
           f"reach with everything else free: {pw / floor_ours:.2f}x")
     print(f"non-GEMM time (median step - own GEMM floor; the issue's 'everything but the matmuls'): "
@@ -453,6 +458,10 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     print(f"overhead factor (median step / own GEMM floor; 1.0 = nothing but the linears' matmuls): "
           f"ours {fo:.2f}, peer {fp:.2f}; ours/peer {fo / fp:.2f} (best-round steps: ours {ob / floor_ours:.2f}, "
           f"peer {pb / floor_peer:.2f})")
+    per_round = [(o[0] / f["ours"]) / (p[0] / f["peer"])
+                 for o, p, f in zip(rounds_["ours"], rounds_["peer"], round_floors)]
+    print(f"  per round (each side's step over the floor timed right after it): ours/peer "
+          f"{', '.join(f'{r:.2f}' for r in per_round)}; median {med(per_round):.2f}")
     no, np_ = floors["ours nn"], floors["peer nn"]
     print(f"  the same with every product a plain (M, K) @ (K, N) (the earlier measure): floor ours "
           f"{1000 * no:.1f} ms, peer {1000 * np_:.1f} ms; overhead factor ours {ow / no:.2f}, peer {pw / np_:.2f}; "
@@ -460,7 +469,7 @@ def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step
     if profile:
         print_profile(profile_ours(ours, hlo, steps), profile_peer(peer, steps))
     return {"ours_ms": 1000 * ow, "peer_ms": 1000 * pw, "ratio": pw / ow, "overhead_ours": fo, "overhead_peer": fp,
-            "overhead_nn_ours": ow / no, "overhead_nn_peer": pw / np_,
+            "overhead_nn_ours": ow / no, "overhead_nn_peer": pw / np_, "overhead_ratio_rounds": per_round,
             "non_gemm_ours_ms": 1000 * (ow - floor_ours), "non_gemm_peer_ms": 1000 * (pw - floor_peer)}
 
 
