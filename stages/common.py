@@ -197,15 +197,26 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
-def load_inception(evaluate: dict):
+def check_inception_batch(evaluate: dict) -> None:
+    batch = evaluate["batch_size"]
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        fail(f"evaluate.batch_size: expected a positive integer (images per device per call), got {batch!r}")
+
+
+def load_inception(evaluate: dict, manifest: "Manifest"):
     """The Inception network `evaluate.inception_source` / `inception_path` name, or one line naming them
-    (reference, yardsticks and evaluate must all use the same one)."""
+    (reference, yardsticks, curves and evaluate must all use the same one). Its weights file is recorded
+    as the manifest's input "inception", so the audit rehashes it (a replaced graph or TorchScript file is
+    named, whether or not DVC tracks it). `evaluate.batch_size` is checked here, before any stage uses it."""
     from metrics.inception import InceptionV3
 
+    check_inception_batch(evaluate)
     try:
-        return InceptionV3.load(evaluate["inception_source"], evaluate["inception_path"])
+        inception = InceptionV3.load(evaluate["inception_source"], evaluate["inception_path"])
     except (FileNotFoundError, ValueError) as e:
         fail(f"evaluate.inception_source/inception_path: {e}")
+    manifest.add_input("inception", inception.path)
+    return inception
 
 
 # ---------------------------------------------------------------------------------------------- hashes

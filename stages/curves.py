@@ -118,13 +118,16 @@ def main(argv: list[str]) -> None:
     points = [(s, train_spacing) for s in sorted(set(kept) | {final})]
     points += [(final, s) for s in spacings if s != train_spacing]
 
-    inception = load_inception(params["evaluate"])
     mesh = make_mesh(-1, 1)
-    vae_config, vae_params = vae_lib.load(str(VAE))
+    try:
+        vae_config, vae_params = vae_lib.load(str(VAE))
+    except ValueError as e:  # missing weights, NaN or Inf in a parameter
+        fail(f"{VAE}: {e}")
     vae = vae_lib.AutoencoderKL(vae_config)
     model, scale, h = DiT(config), float(info["scaling_factor"]), config.input_size
     root = jax.random.fold_in(jax.random.key(params["seed"]), sample_cfg["seed"])
     manifest = Manifest("curves", params)
+    inception = load_inception(params["evaluate"], manifest)
     manifest.add_input("checkpoints", CKPT)
     manifest.add_input("vae", VAE, exclude=("manifest.json",))
     manifest.add_input("reference", REFERENCE / "reference.npz")

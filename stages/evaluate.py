@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import (Manifest, code_version, fail, load_inception, load_params, main_guard,
-                           read_manifest, write_json)
+from stages.common import (Manifest, check_inception_batch, code_version, fail, load_inception, load_params,
+                           main_guard, read_manifest, write_json)
 
 SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")
 YARDSTICKS = Path("artifacts/yardsticks/yardsticks.json")  # absent in pipelines without that stage
@@ -31,9 +31,7 @@ def main(argv: list[str]) -> None:
     method = cfg.get("fid_method", "sqrtm")
     if method not in ("sqrtm", "eigh"):
         fail(f"evaluate.fid_method: {method!r}; use sqrtm (ADM's) or eigh (the same FID to ~1e-7, faster)")
-    batch = cfg["batch_size"]
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        fail(f"evaluate.batch_size: expected a positive integer (images per device per call), got {batch!r}")
+    check_inception_batch(cfg)  # before the upstream artifacts are read
     manifest = Manifest("evaluate", params)
     sample_manifest = read_manifest(SAMPLES)
     read_manifest(REFERENCE)
@@ -41,7 +39,7 @@ def main(argv: list[str]) -> None:
 
     from metrics.adm import evaluate
 
-    inception = load_inception(cfg)
+    inception = load_inception(cfg, manifest)
 
     t0 = time.time()
     try:

@@ -54,9 +54,8 @@ def main(argv: list[str]) -> None:
 
     from metrics.adm import write_reference
 
-    inception = load_inception(ev)
-
     manifest = Manifest("reference", params)
+    inception = load_inception(ev, manifest)
     manifest.add_input("data", DATA / "index.json")
     images, labels = [], []
     index = read_index(DATA)

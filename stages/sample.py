@@ -60,8 +60,12 @@ def check_params(cfg: dict, num_classes: int | None = None) -> None:
             fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["batch_invariant"], bool):
         fail(f"sample.batch_invariant: expected true or false, got {cfg['batch_invariant']!r}")
-    if not isinstance(cfg["cfg_scale"], (int, float)) or cfg["cfg_scale"] < 1.0:
-        fail(f"sample.cfg_scale: expected a number >= 1, got {cfg['cfg_scale']!r}")
+    scale = cfg["cfg_scale"]
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1.0:
+        fail(f"sample.cfg_scale: expected a finite number >= 1, got {scale!r}")
+    seed = cfg["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+        fail(f"sample.seed: expected an integer in [0, 2**32), got {seed!r}")
     if cfg["labels"] not in LABELS:
         fail(f"sample.labels: expected one of {', '.join(LABELS)}, got {cfg['labels']!r}")
     classes = cfg["classes"]
@@ -245,7 +249,10 @@ def main(argv: list[str]) -> None:
     if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
         fail(f"{CKPT}: restored EMA weights hash {ema_hash[:12]} != manifest "
              f"{ckpt_manifest['ema_sha256'][:12]}; the checkpoint was modified")
-    vae_config, vae_params = vae_lib.load(str(VAE))
+    try:
+        vae_config, vae_params = vae_lib.load(str(VAE))
+    except ValueError as e:  # missing weights, NaN or Inf in a parameter
+        fail(f"{VAE}: {e}")
     vae = vae_lib.AutoencoderKL(vae_config)
 
     model = DiT(config)

@@ -71,9 +71,10 @@ def check_params(cfg: dict) -> None:
     for key in ("learn_sigma", "use_flips"):
         if not isinstance(cfg[key], bool):
             fail(f"train.{key}: expected true or false, got {cfg[key]!r}")
-    for key, low in (("seed", 0), ("num_workers", 0)):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low:
-            fail(f"train.{key}: expected an integer >= {low}, got {cfg[key]!r}")
+    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or not 0 <= cfg["seed"] < 2 ** 32:
+        fail(f"train.seed: expected an integer in [0, 2**32), got {cfg['seed']!r}")
+    if not isinstance(cfg["num_workers"], int) or isinstance(cfg["num_workers"], bool) or cfg["num_workers"] < 0:
+        fail(f"train.num_workers: expected an integer >= 0, got {cfg['num_workers']!r}")
     for key in ("grad_clip", "peak_tflops"):
         if cfg[key] is not None and not (number(cfg[key]) and cfg[key] > 0):
             fail(f"train.{key}: expected null (off) or a positive number, got {cfg[key]!r}")

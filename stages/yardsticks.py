@@ -95,8 +95,8 @@ def main(argv: list[str]) -> None:
     from metrics.adm import evaluate
     from metrics.npz import write_atomic
 
-    inception = load_inception(ev)
     manifest = Manifest("yardsticks", params)
+    inception = load_inception(ev, manifest)
     manifest.add_input("data", DATA / "index.json")
     manifest.add_input("vae", VAE, exclude=("manifest.json",))
     manifest.add_input("reference", reference)

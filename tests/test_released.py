@@ -4,6 +4,7 @@ reference batch; the audit holds, and names the .pt file once it is edited."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,13 +42,17 @@ def write_inputs(ext: Path) -> dict:
     coarse = rng.uniform(0, 255, (24, 4, 4, 3))
     ref = coarse.repeat(8, 1).repeat(8, 2).clip(0, 255).astype(np.uint8)
     np.savez(ext / "ref.npz", arr_0=ref)
+    from metrics.inception_weights import default_torchscript_path
+
+    shutil.copyfile(default_torchscript_path(), ext / "inception.pt")  # a copy the audit test can edit
     return {"data": {"image_size": 32},
             "pretrained": {"path": str(ext / "tiny.pt"), "model": MODEL, "image_size": 32, "num_classes": 10},
             "vae": {"pretrained": str(ext / "vae")},
             "sample": {"num_samples": 20, "num_sampling_steps": "ddim5", "batch_size": 10,
                        "grid_per_class": 2, "labels": "uniform"},
             "reference": {"adm_batch": str(ext / "ref.npz")},
-            "evaluate": {"inception_source": "torchscript", "inception_path": None, "batch_size": 24}}
+            "evaluate": {"inception_source": "torchscript", "inception_path": str(ext / "inception.pt"),
+                         "batch_size": 24}}
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +105,22 @@ def test_audit_walks_back_to_the_pt_file_and_names_it_when_edited(released):
     assert proc.returncode == 1
     assert f"pretrained <- source ({pt})" in proc.stderr + proc.stdout
     assert "FAILED at 'pretrained <- source" in proc.stderr
+
+
+def test_audit_names_an_inception_file_replaced_after_the_fid(released):
+    """The Inception weights are an input of every manifest that computed features with them (reference,
+    evaluate): an edited weights file fails the audit, named, even where DVC does not track it."""
+    dst, ext, env, _ = released
+    m = json.loads((dst / "released/artifacts/eval/manifest.json").read_text())
+    pt = ext / "inception.pt"
+    assert Path(m["input_paths"]["inception"]["path"]).resolve() == pt.resolve()
+    original = pt.read_bytes()
+    pt.write_bytes(original + b"\0")
+    try:
+        proc = audit(dst, env)
+    finally:
+        pt.write_bytes(original)
+    assert proc.returncode == 1
+    said = proc.stderr + proc.stdout
+    assert "FAILED at 'evaluate <- inception (" in said, said[-3000:]
+

@@ -110,12 +110,13 @@ def _project_imports(path, module_level_only):
     return found
 
 
-def test_every_stage_lists_the_code_it_runs():
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "released/dvc.yaml"])
+def test_every_stage_lists_the_code_it_runs(pipeline):
     """dvc repro reruns a stage when its code changes only if that code is a dep: the project modules the
     stage's own module imports (anywhere in it), and what every listed module imports at its top."""
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    spec = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
     for name, stage in spec.items():
-        deps = set(stage["deps"])
+        deps = {d.removeprefix("../") for d in stage["deps"]}
         need = _project_imports(ROOT / f"stages/{name}.py", module_level_only=False)
         todo = [d for d in deps | need if d.endswith(".py")]
         while todo:
@@ -123,7 +124,7 @@ def test_every_stage_lists_the_code_it_runs():
             need |= more
             todo += list(more)
         missing = sorted(m for m in need - deps if not m.endswith("__init__.py"))
-        assert not missing, f"dvc.yaml stage {name}: deps miss {missing}"
+        assert not missing, f"{pipeline} stage {name}: deps miss {missing}"
 
 
 def test_sample_chunks_are_keyed_by_all_the_model_code():
@@ -175,7 +176,8 @@ def test_a_missing_or_unknown_param_is_one_line(workdir, edit, needle):
 
 @pytest.mark.parametrize("key, value", [
     ("lr", "1e-4x"), ("lr", 0.0), ("lr", -1.0), ("weight_decay", -0.1), ("ema_decay", 1.0),
-    ("class_dropout_prob", 1.5), ("learn_sigma", "yes"), ("use_flips", 1), ("seed", 1.5), ("num_workers", -1),
+    ("class_dropout_prob", 1.5), ("learn_sigma", "yes"), ("use_flips", 1), ("seed", 1.5), ("seed", 2 ** 32),
+    ("num_workers", -1),
 ])
 def test_train_params_are_checked_before_anything_is_touched(workdir, key, value):
     from stages import train
@@ -225,3 +227,43 @@ def test_atomic_dir_removes_what_killed_runs_left(tmp_path):
         (tmp / "done.bin").write_bytes(b"y")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latents", alive.name])
     assert [p.name for p in final.iterdir()] == ["done.bin"]
+
+
+def _key_tree(tree, prefix=""):
+    keys = []
+    for k, v in tree.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys += _key_tree(v, f"{prefix}{k}.")
+    return keys
+
+
+def test_shipped_params_files_hold_every_key_of_their_pipeline():
+    """The README's ImageNet route copies params-imagenet.yaml over params.yaml: it must hold every key the
+    pipeline's stages read, or a stage fails hours in (the curves stage runs after training)."""
+    main = yaml.safe_load((ROOT / "params.yaml").read_text())
+    imagenet = yaml.safe_load((ROOT / "params-imagenet.yaml").read_text())
+    assert _key_tree(imagenet) == _key_tree(main)
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
+        common.check_keys(imagenet, main, common.declared_params(stage, ROOT / "dvc.yaml"),
+                          ROOT / "params-imagenet.yaml")
+    released = yaml.safe_load((ROOT / "released/params.yaml").read_text())
+    for stage in yaml.safe_load((ROOT / "released/dvc.yaml").read_text())["stages"]:
+        for key in common.declared_params(stage, ROOT / "released/dvc.yaml"):
+            common._get(released, key)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("cfg_scale", float("nan")), ("cfg_scale", float("inf")), ("cfg_scale", 0.5), ("seed", -1), ("seed", 1.5),
+    ("seed", 2 ** 32),
+])
+def test_sample_params_are_checked_before_the_checkpoint_is_read(workdir, key, value):
+    """NaN guidance would fail `> 1` and sample unguided while the manifest records NaN; a seed outside
+    uint32 overflows in fold_in after the checkpoint was restored; 1.5 would silently sample as 1."""
+    from stages import sample
+
+    cfg = common.load_params("sample", ["--params", str(workdir / "params.yaml")])["sample"]
+    sample.check_params(cfg)
+    with pytest.raises(common.StageError, match=f"sample.{key}: expected"):
+        sample.check_params({**cfg, key: value})
+
