@@ -307,10 +307,25 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(final: Path | str) -> Iterator[Path]:
+    """A work folder beside `final` (.<name>.scratch-<pid>) for files a stage needs only while it runs,
+    removed when it ends; what a killed run left there is removed by the next (remove_debris)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(final)
+    tmp = final.with_name(f".{final.name}.scratch-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def remove_debris(final: Path | str) -> list[Path]:
-    """Remove the temp and old folders (.<name>.tmp-<pid>, .<name>.old-<pid>) that runs killed mid-write
-    (SIGKILL, OOM, a preempted VM) left beside `final`: only those whose process is gone, so a run still
-    writing keeps its own. On an ImageNet-sized output each is tens of GB."""
+    """Remove the temp, old and scratch folders (.<name>.tmp-<pid>, .old-<pid>, .scratch-<pid>) that runs
+    killed mid-write (SIGKILL, OOM, a preempted VM) left beside `final`: only those whose process is gone,
+    so a run still writing keeps its own. On an ImageNet-sized output each is tens of GB."""
     final = Path(final)
     removed = []
     for p in final.parent.glob(f".{final.name}.*-*"):

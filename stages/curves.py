@@ -20,14 +20,13 @@ artifacts/curves/{curves.json, manifest.json}.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import (Manifest, fail, load_inception, load_params, main_guard, read_manifest,
-                           tree_sha256, write_json, write_tsv)
+                           scratch_dir, tree_sha256, write_json, write_tsv)
 
 CKPT, VAE, REFERENCE = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/reference")
 OUT = Path("artifacts/curves")
@@ -136,7 +135,7 @@ def main(argv: list[str]) -> None:
     samplers, emas, results = {}, {}, []
     t0 = time.time()
     bar = tqdm(total=len(points), unit="point", desc="curves", mininterval=2.0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(OUT) as tmp:  # each point's samples, as npz for the ADM suite
         for step, spacing in points:
             if step not in emas:
                 where = CKPT / ("orbax" if step == final else "kept")

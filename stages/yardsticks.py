@@ -18,13 +18,12 @@ metrics.json next to the samples' FID.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from stages.common import (Manifest, atomic_dir, fail, load_inception, load_params, main_guard,
-                           read_manifest, require_path, write_json)
+                           read_manifest, require_path, scratch_dir, write_json)
 from stages.images import BadImage, iter_images, read_index
 
 DATA, VAE, REFERENCE = Path("artifacts/data"), Path("artifacts/vae"), Path("artifacts/reference")
@@ -108,7 +107,7 @@ def main(argv: list[str]) -> None:
                 "why": "a pretrained VAE, not trained on these images" if pretrained else
                        "the VAE stage trains on every image the data stage accepted (no held-out split)"}
     results = {}
-    with tempfile.TemporaryDirectory(dir=OUT.parent if OUT.parent.is_dir() else None) as tmp:
+    with scratch_dir(OUT) as tmp:  # the real images and their reconstructions, as npz for the ADM suite
         for name, images in (("floor", reals), ("rfid", recons)):
             path = Path(tmp) / f"{name}.npz"
             write_atomic(path, {"arr_0": images})

@@ -267,3 +267,19 @@ def test_sample_params_are_checked_before_the_checkpoint_is_read(workdir, key, v
     with pytest.raises(common.StageError, match=f"sample.{key}: expected"):
         sample.check_params({**cfg, key: value})
 
+
+
+def test_scratch_dir_is_removed_after_and_a_killed_runs_is_removed_next_time(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has exited
+    left = tmp_path / f".yardsticks.scratch-{dead}"
+    left.mkdir()
+    (left / "floor.npz").write_bytes(b"x" * 100)
+    final = tmp_path / "yardsticks"
+    with common.scratch_dir(final) as scratch:
+        assert scratch.is_dir() and not left.exists()
+        (scratch / "rfid.npz").write_bytes(b"y")
+    assert list(tmp_path.iterdir()) == []
