@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -116,7 +117,28 @@ def run_sampler(sampler, ema, vae_params, root, cfg: dict, idx: np.ndarray, shar
     return sampler(ema, vae_params, put(key_data), put(labels)), labels
 
 
-def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform: str) -> dict:
+def machine_kind(device) -> str:
+    """What a chunk's bytes depend on beyond the code and inputs: a GPU's or TPU's kind, or on CPU the
+    processor (its ISA picks XLA's kernels) and the cores XLA's thread pool is sized by (the Eigen
+    convolutions of the VAE decode split their sums by it). Not the device count: a chunk is one device's."""
+    if device.platform != "cpu":
+        return device.device_kind
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    cpu = " ".join(info[k] for k in ("vendor_id", "cpu family", "model", "model name") if k in info)
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else os.cpu_count()
+    return f"{cpu or 'cpu'}; {cores} cores"
+
+
+def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, model_sha256: str, device) -> dict:
     """What a chunk's bytes depend on; num_samples and grid_per_class are not among them."""
     import jax
 
@@ -126,8 +148,8 @@ def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, platform
     keys = ("seed", "num_sampling_steps", "cfg_scale", "guided_channels", "batch_size", "batch_invariant",
             "labels", "classes")
     return {"root_seed": seed, **{f"sample.{k}": cfg[k] for k in keys}, "ema_sha256": ema_sha256,
-            "vae_sha256": vae_sha256, "code_sha256": code.hexdigest(), "jax": jax.__version__,
-            "platform": platform}
+            "vae_sha256": vae_sha256, "model_sha256": model_sha256, "code_sha256": code.hexdigest(),
+            "jax": jax.__version__, "platform": device.platform, "machine": machine_kind(device)}
 
 
 def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
@@ -271,8 +293,8 @@ def main(argv: list[str]) -> None:
     # Process 0 checks the work folder; every process then works from its answer.
     done_mask, problems = np.zeros(total, bool), []
     if primary:
-        note = store.open(fingerprint(cfg, params["seed"], ema_hash, vae_hash,
-                                      jax.devices()[0].platform))
+        note = store.open(fingerprint(cfg, params["seed"], ema_hash, vae_hash, sha256_file(CKPT / "model.json"),
+                                      jax.devices()[0]))
         if note:
             print(note, flush=True)
         done, problems = store.scan(total)

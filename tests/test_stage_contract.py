@@ -138,6 +138,24 @@ def test_sample_chunks_are_keyed_by_all_the_model_code():
         assert not missing, f"{rel} imports {sorted(missing)}, not in stages/sample.py RESULT_CODE"
 
 
+def test_sample_chunks_are_keyed_by_the_machine_and_the_model_config(workdir):
+    """Chunks made on another kind of machine (bytes differ in the last bits between CPU models and core
+    counts, and between GPU kinds) or for another model.json are recomputed, never mixed in."""
+    import types
+
+    import jax
+
+    from stages.sample import fingerprint
+
+    cfg = common.load_params("sample", ["--params", str(workdir / "params.yaml")])["sample"]
+    gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)  # noqa: E731
+    base = fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, gpu("NVIDIA H100 80GB HBM3"))
+    assert base != fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, gpu("NVIDIA A100-SXM4-40GB"))
+    assert base != fingerprint(cfg, 0, "e" * 64, "v" * 64, "n" * 64, gpu("NVIDIA H100 80GB HBM3"))
+    here = fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, jax.devices("cpu")[0])
+    assert here["platform"] == "cpu" and here["machine"].endswith(" cores") and here["machine"][0] != ";"
+
+
 def test_tree_hash_is_canonical():
     import numpy as np
 
