@@ -16,9 +16,9 @@ each experiment's `artifacts/eval/metrics.json` and `params.yaml` from its git c
   same noise and labels, across configs: Figure 7), read from each experiment's `samples.npz` in the DVC
   cache; an experiment whose samples are not reachable is named in `scaling.json` (`grid.skipped`).
 
-FIDs are comparable only against one reference batch with one Inception network: when the experiments'
-provenance (`reference_sha256`, `inception.weights_sha256`) differs, the FID figures are not drawn, the
-groups are named on stderr and in `scaling.json`, and the exit code is 2.
+FIDs are comparable only when measured alike (PROTOCOL): one reference batch, one Inception network, one
+sample count, sampler and guidance scale. When the experiments differ in any, the FID figures are not
+drawn, the groups are named on stderr and in `scaling.json`, and the exit code is 2.
 
 Deterministic: the same experiments give the same bytes (sorted rows, no clock, PNGs without a software
 or date stamp), so a second run changes nothing.
@@ -195,14 +195,19 @@ def gather(exps: list[str] | None, sweep: str | None, all_commits: bool) -> list
 # ---------------------------------------------------------------------------------------------- analyse
 
 
+PROTOCOL = ("reference_sha256", "inception_sha256", "num_samples", "sampler", "cfg_scale")
+
+
 def comparable_groups(rows: list[dict]) -> list[dict]:
-    """Rows with a FID grouped by (reference batch, Inception weights); one group = comparable."""
+    """Rows with a FID grouped by how the FID was measured (reference batch, Inception weights, sample
+    count, sampler, guidance scale: each moves FID by itself); one group = comparable."""
     groups: dict[tuple, list[str]] = {}
     for r in rows:
         if r["status"] == "ok" and r["fid"] is not None:
-            groups.setdefault((r["reference_sha256"], r["inception_sha256"]), []).append(r["name"])
-    return [{"reference_sha256": k[0], "inception_weights_sha256": k[1], "experiments": sorted(v)}
-            for k, v in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or ""))]
+            groups.setdefault(tuple(r.get(k) for k in PROTOCOL), []).append(r["name"])
+    name = {"inception_sha256": "inception_weights_sha256"}
+    return [{**{name.get(k, k): v for k, v in zip(PROTOCOL, key)}, "experiments": sorted(names)}
+            for key, names in sorted(groups.items(), key=lambda kv: tuple(str(v) for v in kv[0]))]
 
 
 def fit_fid_on_gflops(rows: list[dict]) -> dict | None:

@@ -9,11 +9,14 @@ after another in DVC's temporary folders, so the workspace and its params.yaml a
 The stages a config does not change (data, vae, encode, reference, yardsticks) are restored from DVC's
 run cache instead of rerun: the whole sweep computes them once.
 
-An experiment that already finished (its metrics in its commit) is not run again, so a stopped sweep
-continues where it stopped; `--force` reruns everything. `--queue` only queues the experiments
+An experiment that already finished (its metrics in its commit) with the params asked for now is not run
+again, so a stopped sweep continues where it stopped; one that finished with other values (an edited sweep
+file, or `-S train.steps=6000` after a 3000-step sweep) is rerun, naming the params that differ. `--force`
+reruns everything. `--queue` only queues the experiments
 (`dvc exp run --queue`); start them with `dvc queue start -j 1` and, once `dvc queue status` shows them
 done, draw the report with `python -m stages.scaling --sweep NAME`. The report goes to `artifacts/scaling/` for
-the `scaling` sweep and to `artifacts/scaling-<name>/` for another. `--dry-run` prints the commands.
+the `scaling` sweep and to `artifacts/scaling-<name>/` for another. `--dry-run` prints the commands (and
+what it would keep), running nothing.
 """
 
 from __future__ import annotations
@@ -73,14 +76,33 @@ def exp_command(name: str, overrides: dict, queue: bool, force: bool) -> list[st
     return cmd + (["-f"] if force else [])
 
 
-def finished() -> dict[str, str]:
-    """{experiment name: state} for the experiments of HEAD that DVC knows."""
+def finished() -> dict[str, tuple[str, str | None]]:
+    """{experiment name: (state, rev)} for the experiments of HEAD that DVC knows."""
     from stages.scaling import exp_show, git_show, list_experiments, METRICS
 
     out = {}
     for name, info in list_experiments(exp_show()).items():
         done = info["state"] == "success" and info["rev"] and git_show(info["rev"], METRICS) is not None
-        out[name] = "done" if done else info["state"]
+        out[name] = ("done" if done else info["state"], info["rev"])
+    return out
+
+
+def changed_params(rev: str, overrides: dict) -> list[str]:
+    """'train.steps 3000 -> 6000' for each override whose value differs from the experiment's params.yaml
+    (values read as YAML, as `dvc exp run -S` writes them)."""
+    from stages.common import _get
+    from stages.scaling import git_show
+
+    params = yaml.safe_load(git_show(rev, "params.yaml") or "") or {}
+    out = []
+    for key in sorted(overrides):
+        want = yaml.safe_load(_value(overrides[key]))
+        try:
+            have = _get(params, key)
+        except KeyError:
+            have = None
+        if have != want:
+            out.append(f"{key} {have!r} -> {want!r}")
     return out
 
 
@@ -102,18 +124,22 @@ def main(argv: list[str]) -> int:
                 fail(f"-S {item}: expected KEY=VALUE")
             k, v = item.split("=", 1)
             extra[k] = v
-        state = {} if args.dry_run else finished()
+        state = finished()
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"sweep {args.sweep}: {sweep['description']} ({len(sweep['configs'])} experiments)")
     failed, t_sweep = [], time.time()
     for name in sorted(sweep["configs"]):
-        if state.get(name) == "done" and not args.force:
-            print(f"sweep: {name} finished before; kept (--force reruns it)")
-            continue
-        cmd = exp_command(name, {**sweep["configs"][name], **extra}, args.queue,
-                          force=args.force or name in state)
+        overrides = {**sweep["configs"][name], **extra}
+        status, rev = state.get(name, (None, None))
+        if status == "done" and not args.force:
+            differ = changed_params(rev, overrides)
+            if not differ:
+                print(f"sweep: {name} finished before; kept (--force reruns it)")
+                continue
+            print(f"sweep: {name} finished with other params ({', '.join(differ)}); rerunning it")
+        cmd = exp_command(name, overrides, args.queue, force=args.force or name in state)
         print("$ " + shlex.join(["dvc"] + cmd[3:]), flush=True)
         if args.dry_run:
             continue

@@ -57,13 +57,15 @@ def test_report_draws_the_curves_of_runs_that_have_them(tmp_path, monkeypatch):
         {"sampler": "100", "sampling_steps": 100, "fid": 9.5}]
 
 
-def test_report_refuses_fid_figures_across_reference_batches(tmp_path, monkeypatch):
+def test_report_refuses_fid_figures_across_measurement_protocols(tmp_path, monkeypatch):
     monkeypatch.setattr(scaling_figures, "read_samples", lambda rev, n: (_ for _ in ()).throw(FileNotFoundError("gone")))
     (tmp_path / "fid_vs_gflops.png").write_bytes(b"old")
-    rows = [row("a", 0.001, 100.0), row("b", 0.01, 50.0, ref="r2"), row("c", 0.1, 25.0, inc="i2")]
+    rows = [row("a", 0.001, 100.0), row("b", 0.01, 50.0, ref="r2"), row("c", 0.1, 25.0, inc="i2"),
+            row("d", 0.1, 20.0) | {"num_samples": 500}, row("e", 0.1, 20.0) | {"sampler": "ddim50"},
+            row("f", 0.1, 20.0) | {"cfg_scale": 1.5}]  # FIDs measured with other samples, sampler, guidance
     doc, groups = scaling.report(rows, tmp_path)
     assert not doc["comparable"] and doc["figures"] == [] and doc["fit_fid_on_gflops"] is None
-    assert sorted(g["experiments"] for g in groups) == [["a"], ["b"], ["c"]]
+    assert sorted(g["experiments"] for g in groups) == [["a"], ["b"], ["c"], ["d"], ["e"], ["f"]]
     assert not (tmp_path / "fid_vs_gflops.png").exists()  # no stale, incomparable figure left behind
 
 
@@ -188,3 +190,16 @@ def test_second_report_changes_nothing_and_lists_a_missing_experiment(swept):
     assert doc["missing"] == [{"name": "smoke-never",
                                "reason": "not found in dvc exp show (never run, or removed)"}]
     assert "missing: smoke-never" in out
+
+
+@pytest.mark.slow
+def test_a_finished_experiment_with_other_params_is_rerun_not_kept(swept):
+    """`-S train.steps=N` after a sweep: the finished experiments hold other values, so each is rerun (here a
+    dry run: the commands are printed with -f, nothing runs) and the differing param is named."""
+    dst, env, _ = swept
+    out = sh([sys.executable, "-m", "stages.sweep", "smoke", "--dry-run", "-S", "train.steps=7"], dst, env)
+    said = [l for l in out.splitlines() if "finished with other params" in l]
+    assert len(said) == 2 and all("train.steps" in l and "-> 7" in l for l in said), out
+    assert out.count("$ dvc exp run --temp") == 2 and "-S train.steps=7" in out and "Running stage" not in out
+    kept = sh([sys.executable, "-m", "stages.sweep", "smoke", "--dry-run"], dst, env)
+    assert kept.count("finished before; kept") == 2 and "$ dvc" not in kept
