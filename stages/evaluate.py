@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     try:
         metrics = evaluate(str(reference), str(samples), inception, batch_size=cfg["batch_size"],
                            fid_method=method)
-    except (ValueError, FileNotFoundError) as e:  # MetricsInputError is a ValueError; a file gone since
+    except (ValueError, FileNotFoundError) as e:  # MetricsInputError; an npz gone from beside its manifest
         fail(str(e))
     manifest.add_input("samples", samples)
     manifest.add_input("reference", reference)
