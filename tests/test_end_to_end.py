@@ -147,6 +147,16 @@ def audit(dst, env):
                           text=True, timeout=600)
 
 
+def while_edited(path, data: bytes, fn):
+    """fn() while `path` holds `data` (a file edited after the run), then the original bytes back."""
+    original = path.read_bytes()
+    path.write_bytes(data)
+    try:
+        return fn()
+    finally:
+        path.write_bytes(original)
+
+
 def test_audit_holds_then_names_the_first_broken_link(repo):
     dst, env, _ = repo
     ok = audit(dst, env)
@@ -154,12 +164,7 @@ def test_audit_holds_then_names_the_first_broken_link(repo):
     assert "orbax step 12 EMA weights" in ok.stdout and "dvc status train" in ok.stdout
 
     samples = dst / "artifacts/samples/samples.npz"
-    original = samples.read_bytes()
-    samples.write_bytes(original + b"\0")
-    try:
-        bad = audit(dst, env)
-    finally:
-        samples.write_bytes(original)
+    bad = while_edited(samples, samples.read_bytes() + b"\0", lambda: audit(dst, env))
     assert bad.returncode == 1 and "FAILED at 'metrics <- samples.npz'" in bad.stderr, bad.stderr
 
     params = (dst / "params.yaml").read_text()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_end_to_end import copy_project, git_commit_all, sh
+from test_end_to_end import copy_project, git_commit_all, sh, while_edited
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
@@ -114,12 +114,7 @@ def test_audit_names_an_inception_file_replaced_after_the_fid(released):
     m = json.loads((dst / "released/artifacts/eval/manifest.json").read_text())
     pt = ext / "inception.pt"
     assert Path(m["input_paths"]["inception"]["path"]).resolve() == pt.resolve()
-    original = pt.read_bytes()
-    pt.write_bytes(original + b"\0")
-    try:
-        proc = audit(dst, env)
-    finally:
-        pt.write_bytes(original)
+    proc = while_edited(pt, pt.read_bytes() + b"\0", lambda: audit(dst, env))
     assert proc.returncode == 1
     said = proc.stderr + proc.stdout
     assert "FAILED at 'evaluate <- inception (" in said, said[-3000:]
