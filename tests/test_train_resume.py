@@ -120,41 +120,28 @@ def test_raising_steps_continues_a_finished_run(latents, straight, tmp_path):
 
 
 def test_a_changed_fingerprint_moves_the_run_aside_and_starts_fresh(straight, tmp_path):
+    """Another lr, and (as after a `git pull` that changed the model) a run.json naming other bytes of a
+    file that computes the weights: the finished run is moved aside, both named, never resumed or kept."""
+    from stages.checkpoint import fingerprint
+
     wd = tmp_path / "wd"
     shutil.copytree(straight, wd)
     old = manifest(wd)
+    run = json.loads((wd / "artifacts/checkpoints/run.json").read_text())
+    assert set(run["identity"]["code"]) >= {"dit/models.py", "stages/train.py", "stages/loader.py"}
+    run["identity"]["code"]["dit/models.py"] = "0" * 64  # what older code's run.json would hold
+    run["fingerprint"] = fingerprint(run["identity"])
+    (wd / "artifacts/checkpoints/run.json").write_text(json.dumps(run))
     proc = run_stage("train", wd, *RUN, "--set", "train.steps=3", "--set", "train.lr=0.002", env=ONE)
     said = [l for l in proc.stdout.splitlines() if "moved to" in l]
     assert len(said) == 1 and "train.lr 0.001 -> 0.002" in said[0], proc.stdout
+    assert "code.dit/models.py '000000000000' -> " in said[0] and "nothing to do" not in proc.stdout
     aside = list((wd / "artifacts/checkpoints.aside").iterdir())
     assert len(aside) == 1 and json.loads((aside[0] / "manifest.json").read_text()) == old
     assert (aside[0] / "train.jsonl").is_file()
     m = manifest(wd)
     assert m["resumed_from_step"] == 0 and m["final_step"] == 3 and m["fingerprint"] != old["fingerprint"]
     assert saved_steps(wd) == [3] and [r["step"] for r in log(wd)] == [1, 2, 3]
-
-
-def test_a_finished_run_from_other_code_is_not_kept(straight, tmp_path):
-    """A finished run whose fingerprint names other bytes of a file that computes the weights (a `git pull`
-    that changed the model) is moved aside and retrained, never reported as done with the old weights."""
-    from stages.checkpoint import fingerprint
-
-    wd = tmp_path / "wd"
-    shutil.copytree(straight, wd)
-    ckpt = wd / "artifacts/checkpoints"
-    run = json.loads((ckpt / "run.json").read_text())
-    today = run["fingerprint"]
-    assert set(run["identity"]["code"]) >= {"dit/models.py", "stages/train.py", "stages/loader.py"}
-    run["identity"]["code"]["dit/models.py"] = "0" * 64  # what older code's run.json would hold
-    run["fingerprint"] = fingerprint(run["identity"])
-    (ckpt / "run.json").write_text(json.dumps(run))
-    proc = run_stage("train", wd, *RUN, "--set", "train.steps=3", env=ONE)
-    said = [l for l in proc.stdout.splitlines() if "moved to" in l]
-    assert len(said) == 1 and "code.dit/models.py '000000000000' -> " in said[0], proc.stdout
-    assert "nothing to do" not in proc.stdout
-    assert len(list((wd / "artifacts/checkpoints.aside").iterdir())) == 1
-    m = manifest(wd)
-    assert m["resumed_from_step"] == 0 and m["final_step"] == 3 and m["fingerprint"] == today
 
 
 def test_a_checkpoint_of_another_model_config_is_refused_untouched(straight, tmp_path):
