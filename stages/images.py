@@ -52,19 +52,24 @@ def iter_items(index: dict):
         yield i, root / rel, int(label), sha
 
 
-def iter_images(index: dict, image_size: int):
-    """(key, label, uint8 HWC array or BadImage) for every example the index names, any source."""
+def iter_images(index: dict, image_size: int, only: set[int] | None = None):
+    """(key, label, uint8 HWC array or BadImage) for every example the index names, any source; with
+    `only`, for those positions only (the rest are neither read nor decoded)."""
     if index["source"] == "tfds":
         from pipelines.sources import iter_tfds
 
         spec = index["tfds"]
-        for _, key, label, data in iter_tfds(spec, 0, spec["num_examples"]):
+        for position, key, label, data in iter_tfds(spec, 0, spec["num_examples"]):
+            if only is not None and position not in only:
+                continue
             try:
                 yield key, label, decode_image(data, image_size)
             except BadImage as e:
                 yield key, label, e
         return
-    for _, path, label, sha in iter_items(index):
+    for i, path, label, sha in iter_items(index):
+        if only is not None and i not in only:
+            continue
         try:
             data = Path(path).read_bytes()
         except OSError as e:  # a file that vanished or cannot be read since the data stage listed it

@@ -37,11 +37,8 @@ def pick(n_items: int, count: int) -> np.ndarray:
 
 
 def real_images(index: dict, size: int, count: int, manifest: Manifest) -> np.ndarray:
-    want = set(pick(len(index["items"]), count).tolist())
-    images = []
-    for i, (key, _, image) in enumerate(iter_images(index, size)):
-        if i not in want:
-            continue
+    images = []  # only the picked images are read and decoded (50K of ImageNet's 1.28M)
+    for key, _, image in iter_images(index, size, only=set(pick(len(index["items"]), count).tolist())):
         if isinstance(image, BadImage):
             manifest.skip(key, str(image))
         else:

@@ -324,3 +324,19 @@ def test_narrow_conv_is_nn_conv():
         np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
     half = x.astype(jnp.bfloat16)  # nn.Conv's dtype rule too: bf16 input, f32 params -> f32 output
     assert ours.apply(params, half).dtype == ref.apply(params, half).dtype
+
+
+def test_iter_images_reads_only_the_positions_asked_for(tmp_path, monkeypatch):
+    """yardsticks keeps N evenly spaced images: only those are read and decoded, not the whole index."""
+    from stages import images as images_mod
+    from stages.images import iter_images, read_index
+
+    write_data(tmp_path)
+    index = read_index(tmp_path / "artifacts/data")
+    opened = []
+    real = images_mod.decode_image
+    monkeypatch.setattr(images_mod, "decode_image", lambda data, size: opened.append(1) or real(data, size))
+    got = list(iter_images(index, 16, only={0, 5, 20}))
+    assert [k.rsplit("/", 1)[-1] for k, _, _ in got] == ["00000.png", "00005.png", "broken.png"]
+    assert len(opened) == 2 and not isinstance(got[0][2], Exception) and isinstance(got[2][2], Exception)
+
