@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,6 +30,16 @@ class StageError(Exception):
 
 def fail(message: str) -> None:
     raise StageError(message)
+
+
+def is_int(v, low: int = 1, high: int | None = None) -> bool:
+    """v is an int (not a bool: YAML's true/false) with low <= v, and v < high if given."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v < high)
+
+
+def is_number(v) -> bool:
+    """v is a finite int or float (not a bool, not NaN or Inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def main_guard(fn) -> None:
@@ -199,7 +210,7 @@ def init_distributed() -> None:
 
 def check_inception_batch(evaluate: dict) -> None:
     batch = evaluate["batch_size"]
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+    if not is_int(batch):
         fail(f"evaluate.batch_size: expected a positive integer (images per device per call), got {batch!r}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, fail, load_inception, load_params, main_guard, read_manifest,
+from stages.common import (Manifest, fail, is_int, load_inception, load_params, main_guard, read_manifest,
                            scratch_dir, tree_sha256, write_json, write_tsv)
 
 CKPT, VAE, REFERENCE = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/reference")
@@ -35,7 +35,7 @@ COLUMNS = ("fid", "sfid", "precision", "recall")
 
 def check_params(cfg: dict) -> None:
     n = cfg["num_samples"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+    if not is_int(n, 2):
         fail(f"curves.num_samples: expected an integer >= 2, got {n!r}")
     if not isinstance(cfg["train_sampler"], (str, int)):
         fail(f"curves.train_sampler: expected a sampler name such as 'dpm++25', got {cfg['train_sampler']!r}")

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.images import IMAGE_EXTENSIONS, BadImage, decode_rgb
-from stages.common import Manifest, atomic_dir, fail, load_params, main_guard, sha256_file, write_json
+from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, sha256_file,
+                           write_json)
 from stages.images import open_rgb
 from stages.tfds_source import index_tfds
 
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
         fail(f"data.source: unknown source '{source}' (expected digits, imagefolder or tfds)")
     if not isinstance(size, int) or size < 8:
         fail(f"data.image_size: expected an integer >= 8, got {size!r}")
-    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 1:
+    if not is_int(min_size):
         fail(f"data.min_size: expected a positive integer (pixels), got {min_size!r}")
     if cfg["limit"] is not None and (not isinstance(cfg["limit"], int) or cfg["limit"] < 1):
         fail(f"data.limit: expected a positive integer or null, got {cfg['limit']!r}")

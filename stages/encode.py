@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import (Manifest, atomic_dir, fail, load_params, main_guard, read_manifest,
+from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
                            require_path)
 from stages.images import read_index
 
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     require_path(VAE / "config.json", "artifacts/vae")
     read_manifest(DATA)
     for key in ("shards", "batch_size", "num_workers"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+        if not is_int(cfg[key]):
             fail(f"encode.{key}: expected a positive integer, got {cfg[key]!r}")
     if cfg["dtype"] not in ("float16", "float32"):
         fail(f"encode.dtype: expected float16 or float32, got {cfg['dtype']!r}")

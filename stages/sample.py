@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (ROOT, Manifest, atomic_dir, fail, init_distributed, load_params, main_guard,
-                           read_manifest, sha256_file, tree_sha256)
+from stages.common import (ROOT, Manifest, atomic_dir, fail, init_distributed, is_int, is_number, load_params,
+                           main_guard, read_manifest, sha256_file, tree_sha256)
 from stages.sample_chunks import ChunkStore, merge, num_chunks, plan
 
 CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/samples")
@@ -57,15 +57,15 @@ def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_clas
 
 def check_params(cfg: dict, num_classes: int | None = None) -> None:
     for key in ("num_samples", "batch_size", "grid_per_class", "cpu_devices"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+        if not is_int(cfg[key]):
             fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["batch_invariant"], bool):
         fail(f"sample.batch_invariant: expected true or false, got {cfg['batch_invariant']!r}")
     scale = cfg["cfg_scale"]
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 1.0:
+    if not is_number(scale) or scale < 1.0:
         fail(f"sample.cfg_scale: expected a finite number >= 1, got {scale!r}")
     seed = cfg["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+    if not is_int(seed, 0, 2 ** 32):
         fail(f"sample.seed: expected an integer in [0, 2**32), got {seed!r}")
     if cfg["labels"] not in LABELS:
         fail(f"sample.labels: expected one of {', '.join(LABELS)}, got {cfg['labels']!r}")
@@ -241,8 +241,7 @@ def main(argv: list[str]) -> None:
     config = DiTConfig(**info["dit"])
     check_params(cfg, config.num_classes)
     guided = cfg["guided_channels"]
-    if guided is not None and (not isinstance(guided, int) or isinstance(guided, bool)
-                               or not 1 <= guided <= config.in_channels):
+    if guided is not None and not is_int(guided, 1, config.in_channels + 1):
         fail(f"sample.guided_channels: expected 1..{config.in_channels} or null, got {guided!r}")
     spacing = str(cfg["num_sampling_steps"])
     try:

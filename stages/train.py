@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -20,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import (Manifest, fail, init_distributed, load_params, main_guard, read_manifest,
-                           remove_debris, tree_sha256, write_json)
+from stages.common import (Manifest, fail, init_distributed, is_int, is_number, load_params, main_guard,
+                           read_manifest, remove_debris, tree_sha256, write_json)
 
 LATENTS, CKPT, LOG = Path("artifacts/latents"), Path("artifacts/checkpoints"), Path("artifacts/logs/train.jsonl")
 
@@ -52,31 +51,27 @@ def model_config(cfg: dict, latents: dict):
 
 
 def check_params(cfg: dict) -> None:
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     for key in ("steps", "global_batch_size", "log_every", "ckpt_every", "cpu_devices"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
+        if not is_int(cfg[key]):
             fail(f"train.{key}: expected a positive integer, got {cfg[key]!r}")
     keep = cfg["keep_every"]
-    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+    if keep is not None and not is_int(keep):
         fail(f"train.keep_every: expected null or a positive number of steps, got {keep!r}")
-    for key, low, high in (("lr", 0, None), ("weight_decay", 0, None), ("ema_decay", 0, 1),
-                           ("class_dropout_prob", 0, 1)):
-        v = cfg[key]
-        if not number(v) or v < low or (high is not None and v >= high) or (key == "lr" and v == 0):
-            want = f"a number in [{low}, {high})" if high is not None else (
-                "a positive number" if key == "lr" else "a number >= 0")
-            fail(f"train.{key}: expected {want}, got {v!r}")
+    for key, ok, want in (("lr", lambda v: v > 0, "a positive number"),
+                          ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+                          ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                          ("class_dropout_prob", lambda v: 0 <= v < 1, "a number in [0, 1)")):
+        if not (is_number(cfg[key]) and ok(cfg[key])):
+            fail(f"train.{key}: expected {want}, got {cfg[key]!r}")
     for key in ("learn_sigma", "use_flips"):
         if not isinstance(cfg[key], bool):
             fail(f"train.{key}: expected true or false, got {cfg[key]!r}")
-    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or not 0 <= cfg["seed"] < 2 ** 32:
+    if not is_int(cfg["seed"], 0, 2 ** 32):
         fail(f"train.seed: expected an integer in [0, 2**32), got {cfg['seed']!r}")
-    if not isinstance(cfg["num_workers"], int) or isinstance(cfg["num_workers"], bool) or cfg["num_workers"] < 0:
+    if not is_int(cfg["num_workers"], 0):
         fail(f"train.num_workers: expected an integer >= 0, got {cfg['num_workers']!r}")
     for key in ("grad_clip", "peak_tflops"):
-        if cfg[key] is not None and not (number(cfg[key]) and cfg[key] > 0):
+        if cfg[key] is not None and not (is_number(cfg[key]) and cfg[key] > 0):
             fail(f"train.{key}: expected null (off) or a positive number, got {cfg[key]!r}")
     if cfg["dtype"] not in ("float32", "bfloat16"):
         fail(f"train.dtype: expected float32 or bfloat16, got {cfg['dtype']!r}")

@@ -24,19 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import Manifest, atomic_dir, fail, load_params, main_guard, read_manifest, require_path
+from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
+                           require_path)
 from stages.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/vae")
 EVAL_BATCH = 128  # one fixed shape (the last batch is padded), so the eval function compiles once
 
 
-def _positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
 def _check_image_size(image_size, factor: int) -> None:
-    if not _positive_int(image_size) or image_size % factor:
+    if not is_int(image_size) or image_size % factor:
         fail(f"data.image_size: {image_size!r} is not a multiple of the VAE's downsampling factor {factor}")
 
 
@@ -45,10 +42,10 @@ def model_config(p: dict, image_size: int):
     from dit.vae import VAEConfig
 
     chans = p["block_out_channels"]
-    if not (isinstance(chans, list) and chans and all(_positive_int(c) for c in chans)):
+    if not (isinstance(chans, list) and chans and all(is_int(c) for c in chans)):
         fail(f"vae.block_out_channels: expected a non-empty list of positive ints, got {chans!r}")
     for key in ("layers_per_block", "latent_channels", "norm_num_groups"):
-        if not _positive_int(p[key]):
+        if not is_int(p[key]):
             fail(f"vae.{key}: expected a positive int, got {p[key]!r}")
     bad = [c for c in chans if c % p["norm_num_groups"]]
     if bad:
@@ -61,7 +58,7 @@ def model_config(p: dict, image_size: int):
 
 def check_training_params(p: dict) -> None:
     for key in ("steps", "batch_size"):
-        if not _positive_int(p[key]):
+        if not is_int(p[key]):
             fail(f"vae.{key}: expected a positive int, got {p[key]!r}")
     if not (isinstance(p["lr"], (int, float)) and p["lr"] > 0):
         fail(f"vae.lr: expected a positive number, got {p['lr']!r}")
