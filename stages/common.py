@@ -86,15 +86,23 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml11_float(old: Any, text: Any) -> float | None:
+    """The float a float param's text means where YAML 1.1 read it as a string (1e-6, with no dot), else
+    None."""
+    if isinstance(old, float) and isinstance(text, str):
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return None
+
+
 def _coerce(key: str, old: Any, raw: str) -> Any:
     if isinstance(old, str):  # a string param takes the text as given: --set sample.num_sampling_steps=250
         return raw
     new = yaml.safe_load(raw)
-    if isinstance(old, float) and isinstance(new, str):
-        try:  # YAML 1.1 reads 1e-6 (no dot) as a string
-            new = float(raw)
-        except ValueError:
-            pass
+    if isinstance(new, str) and (f := _yaml11_float(old, raw)) is not None:
+        new = f
     if old is None or new is None:
         return new
     if isinstance(old, bool) != isinstance(new, bool):
@@ -119,6 +127,12 @@ def check_keys(params: dict, schema: dict, keys: list[str], path: Path) -> None:
     """The declared params of a params file against the project's own (`schema`): one line for a key that
     is missing (a file written before the key existed) or unknown (a misspelling, which would otherwise be
     ignored); a float param that YAML 1.1 read as a string (1e-4, with no dot) becomes the float."""
+    def check(prefix: str, user: dict, default: dict, k: str) -> None:  # user[k] against default[k]
+        if isinstance(default[k], dict) and isinstance(user[k], dict):
+            walk(f"{prefix}{k}.", user[k], default[k])
+        elif (f := _yaml11_float(default[k], user[k])) is not None:
+            user[k] = f
+
     def walk(prefix: str, user: dict, default: dict) -> None:
         for k in user:
             if k not in default:
@@ -128,26 +142,16 @@ def check_keys(params: dict, schema: dict, keys: list[str], path: Path) -> None:
                 fail(f"{prefix}{k}: missing from {path} (the project's params.yaml has "
                      f"{k}: {json.dumps(default[k])})")
         for k in user:
-            if isinstance(default[k], dict) and isinstance(user[k], dict):
-                walk(f"{prefix}{k}.", user[k], default[k])
-            elif isinstance(default[k], float) and isinstance(user[k], str):
-                try:
-                    user[k] = float(user[k])
-                except ValueError:
-                    pass
+            check(prefix, user, default, k)
 
     for key in keys:
+        parent, _, leaf = key.rpartition(".")
         try:
-            user, default = _get(params, key), _get(schema, key)
+            user, default = (_get(params, parent), _get(schema, parent)) if parent else (params, schema)
         except KeyError:
             continue  # a declared section missing from the file is named below
-        if isinstance(default, dict) and isinstance(user, dict):
-            walk(f"{key}.", user, default)
-        elif isinstance(default, float) and isinstance(user, str):
-            try:
-                _set(params, key, float(user))
-            except ValueError:
-                pass
+        if isinstance(user, dict) and isinstance(default, dict) and leaf in user and leaf in default:
+            check(f"{parent}." if parent else "", user, default, leaf)
 
 
 def load_params(stage: str, argv: list[str], description: str = "") -> dict:
