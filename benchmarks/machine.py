@@ -6,26 +6,7 @@ from __future__ import annotations
 import os
 import platform
 
-
-def cpu_model() -> str:
-    """The CPU's model name, with its family/model numbers and widest vector ISA: a VM often shows only
-    "AMD EPYC", and this project's train step ran twice as long on a Zen 3 (family 25 model 1, AVX2) as on an
-    AVX-512 EPYC of the same name."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-                if not line.strip():
-                    break  # the first CPU's block is enough
-    except OSError:
-        pass
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
-    flags = fields.get("flags", "").split()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {isa})"
+from stages.common import cpu_model  # noqa: F401  (the benchmarks import it from here)
 
 
 def describe() -> str:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (ROOT, Manifest, atomic_dir, fail, init_distributed, is_int, is_number, load_params,
-                           main_guard, read_manifest, sha256_file, tree_sha256)
+from stages.common import (ROOT, Manifest, atomic_dir, cpu_model, fail, init_distributed, is_int, is_number,
+                           load_params, main_guard, read_manifest, sha256_file, tree_sha256)
 from stages.sample_chunks import ChunkStore, merge, num_chunks, plan
 
 CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/samples")
@@ -119,23 +119,13 @@ def run_sampler(sampler, ema, vae_params, root, cfg: dict, idx: np.ndarray, shar
 
 def machine_kind(device) -> str:
     """What a chunk's bytes depend on beyond the code and inputs: a GPU's or TPU's kind, or on CPU the
-    processor (its ISA picks XLA's kernels) and the cores XLA's thread pool is sized by (the Eigen
-    convolutions of the VAE decode split their sums by it). Not the device count: a chunk is one device's."""
+    processor (cpu_model: its ISA picks XLA's kernels) and the cores XLA's thread pool is sized by (the
+    Eigen convolutions of the VAE decode split their sums by it). Not the device count: a chunk is one
+    device's."""
     if device.platform != "cpu":
         return device.device_kind
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor's block
-            key, _, value = line.partition(":")
-            info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    cpu = " ".join(info[k] for k in ("vendor_id", "cpu family", "model", "model name") if k in info)
     affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity else os.cpu_count()
-    return f"{cpu or 'cpu'}; {cores} cores"
+    return f"{cpu_model()}; {len(affinity(0)) if affinity else os.cpu_count()} cores"
 
 
 def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, model_sha256: str, device) -> dict:
