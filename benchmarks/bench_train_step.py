@@ -418,7 +418,6 @@ def print_profile(ours, peer):
 
 
 def bench_row(spec, batch, rounds, steps, devices, profile=False, warmup=1, step_memory=True):
-    cfg = row_config(spec)
     print(f"\n== {row_label(spec, batch)}; fwd+bwd+AdamW; {rounds} rounds x {steps} steps per side", flush=True)
     compile_s, ours, hlo = setup_ours(spec, batch, devices, step_memory=step_memory)
     peer, threads = setup_peer(spec, batch)

@@ -11,8 +11,9 @@ A checkpoint folder is resumed only when its fingerprint matches: the latents' h
 train.* param except RESULT_NEUTRAL, and the bytes of RESULT_CODE (the code that computes the weights: a
 run resumed across a change to it would end with weights neither version gives). Otherwise it is moved
 aside whole (never mixed in) and the run starts fresh. What dead trainers left beside the folder
-(.checkpoints.tmp-<pid>, .old-<pid>) is removed by common.remove_debris; Orbax removes its own tmp steps. No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data
-position is the step (stages/loader.py).
+(.checkpoints.tmp-<pid>, .old-<pid>) is removed by common.remove_debris; Orbax removes its own tmp steps.
+No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data position is the
+step (stages/loader.py).
 """
 
 from __future__ import annotations

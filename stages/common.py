@@ -327,11 +327,7 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
     """Yield a fresh sibling temp folder (.<name>.tmp-<pid>); on success it replaces `final`, on failure it
     is removed. What killed runs left beside `final` is removed first (remove_debris)."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _fresh_sibling(final, "tmp")
     try:
         yield tmp
     except BaseException:
@@ -348,15 +344,21 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 def scratch_dir(final: Path | str) -> Iterator[Path]:
     """A work folder beside `final` (.<name>.scratch-<pid>) for files a stage needs only while it runs,
     removed when it ends; what a killed run left there is removed by the next (remove_debris)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_debris(final)
-    tmp = final.with_name(f".{final.name}.scratch-{os.getpid()}")
-    tmp.mkdir()
+    tmp = _fresh_sibling(Path(final), "scratch")
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fresh_sibling(final: Path, kind: str) -> Path:
+    """An empty folder .<name>.<kind>-<pid> beside `final`, after removing what killed runs left there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_debris(final)
+    tmp = final.with_name(f".{final.name}.{kind}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def remove_debris(final: Path | str) -> list[Path]:
