@@ -54,7 +54,8 @@ def iter_items(index: dict):
 
 def iter_images(index: dict, image_size: int, only: set[int] | None = None):
     """(key, label, uint8 HWC array or BadImage) for every example the index names, any source; with
-    `only`, for those positions only (the rest are neither read nor decoded)."""
+    `only`, for those positions only (the other files are not read; the other tfds records are read, in
+    order, but not decoded)."""
     if index["source"] == "tfds":
         from pipelines.sources import iter_tfds
 
