@@ -44,34 +44,51 @@ def attention_impl(backend: str | None = None) -> str:
     return choose_impl("DIT_ATTENTION", IMPLS, {"cpu": "heads", "gpu": "cudnn"}, "fused", backend)
 
 
+def _scales(d: int) -> tuple[float, float]:
+    """(scale on q, scale on the logits) for head width d: 1/sqrt(d) goes on q where it is a power of two
+    (d = 4^k: 16, 64, 256; DiT-S/B/L's 64), on the (T, T) logits otherwise (DiT-XL's 72, the embedded
+    default's 32). Scaling by a power of two is exact, so either way the logits, the weights and the gradients
+    are the same to the bit (q with subnormal entries aside). On q it is T x D multiplies instead of T x T, and
+    XLA:CPU no longer materialises a (B, H, T, T) broadcast of the scale for the fusions that read the
+    logits: DiT-S/2's train step ~2% faster (benchmarks/NOTES.md)."""
+    scale = 1.0 / math.sqrt(d)
+    return (scale, 1.0) if math.frexp(scale)[0] == 0.5 else (1.0, scale)
+
+
 def _forward(q, k, v, bias):
     """softmax(q k^T / sqrt(D) + bias) v with the normalisation after the second matmul: p = exp(logits -
     rowmax) unnormalised, out = (p v) / rowsum(p). Dividing the (T, D) output instead of the (T, T) weights
-    saves a pass over the weights (~1.7x faster core on XLA:CPU at DiT-S/2's shapes). Returns (out, p, s)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    saves a pass over the weights (~1.7x faster core on XLA:CPU at DiT-S/2's shapes). Returns (out, p, s, qs),
+    qs = q with its share of the scale (`_scales`)."""
+    q_scale, logit_scale = _scales(q.shape[-1])
+    qs = q * jnp.asarray(q_scale, q.dtype) if q_scale != 1.0 else q
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     s = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / s
-    return out.astype(v.dtype), p, s
+    return out.astype(v.dtype), p, s, qs
 
 
-def _backward(q, k, v, p, s, dout):
+def _backward(qs, k, v, p, s, dout):
     """The softmax-attention backward written out from the unnormalised p and its row sums s, w = p / s
     never materialised: with g = dout / s (a (T, D) scaling), dv = p^T g, dw' = g v^T (= dw / s), and
     dlogits = w * (dw - rowsum(dw * w)) = p * (dw' - rowsum(dw' * p) / s). Four batched matmuls and one
     elementwise pass over the (T, T) weights, where autodiff of the forward adds transposes and a second
-    pass for the softmax."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    pass for the softmax. qs is q scaled as the forward scaled it; dq and dk take the scale where it was."""
+    q_scale, logit_scale = _scales(qs.shape[-1])
     g = (dout.astype(jnp.float32) / s).astype(v.dtype)
     dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), g)
     dw = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=jnp.float32)
     dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True) / s)
-    ds = (dlogits * scale).astype(q.dtype)
+    ds = (dlogits * logit_scale if logit_scale != 1.0 else dlogits).astype(qs.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    if q_scale != 1.0:
+        dq = dq * jnp.asarray(q_scale, dq.dtype)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qs)
     return dq, dk, dv, dlogits
 
 
@@ -81,8 +98,8 @@ def _core(q, k, v):
 
 
 def _core_fwd(q, k, v):
-    out, p, s = _forward(q, k, v, None)
-    return out, (q, k, v, p, s)
+    out, p, s, qs = _forward(q, k, v, None)
+    return out, (qs, k, v, p, s)
 
 
 def _core_bwd(res, dout):
@@ -98,13 +115,13 @@ def _core_bias(q, k, v, bias):
 
 
 def _core_bias_fwd(q, k, v, bias):
-    out, p, s = _forward(q, k, v, bias)
-    return out, (q, k, v, p, s, bias)
+    out, p, s, qs = _forward(q, k, v, bias)
+    return out, (qs, k, v, p, s, bias)
 
 
 def _core_bias_bwd(res, dout):
-    q, k, v, p, s, bias = res
-    dq, dk, dv, dlogits = _backward(q, k, v, p, s, dout)
+    qs, k, v, p, s, bias = res
+    dq, dk, dv, dlogits = _backward(qs, k, v, p, s, dout)
     return dq, dk, dv, jnp.sum(dlogits, axis=0).astype(bias.dtype)
 
 

@@ -308,6 +308,41 @@ def test_attention_core_custom_vjp_matches_autodiff(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("d", [64, 72])
+def test_attention_scale_on_q_is_exact(d, dtype):
+    """Where 1/sqrt(D) is a power of two (D = 64) the core puts it on q, elsewhere (D = 72) on the logits.
+    Either way the output and the gradients of q, k, v and the logit bias are, to the bit, those of the
+    scale on the logits, with the same hand-written backward (scaling by a power of two is exact)."""
+    import math
+
+    from dit.attention import _scales, attention_core
+
+    assert _scales(64) == (0.125, 1.0) and _scales(16) == (0.25, 1.0)
+    assert _scales(72) == (1.0, 1 / math.sqrt(72)) and _scales(32) == (1.0, 1 / math.sqrt(32))
+    scale = 1.0 / math.sqrt(d)
+    rng = np.random.default_rng(3)
+    q, k, v, g = (jnp.asarray(rng.normal(size=(2, 3, 16, d)), dtype) for _ in range(4))
+    bias = jnp.asarray(rng.normal(size=(3, 16, 16)), jnp.float32)
+    # the formulation before the split, written out: scale on the logits, and on dlogits in the backward
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale + bias
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    s = jnp.sum(p, axis=-1, keepdims=True)
+    ref_out = (jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / s
+               ).astype(dtype)
+    gs = (g.astype(jnp.float32) / s).astype(dtype)
+    dw = jnp.einsum("bhqd,bhkd->bhqk", gs, v, preferred_element_type=jnp.float32)
+    dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True) / s)
+    ds = (dlogits * scale).astype(dtype)
+    ref = (jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q),
+           jnp.einsum("bhqk,bhqd->bhkd", p.astype(dtype), gs), jnp.sum(dlogits, axis=0))
+    out, vjp = jax.vjp(attention_core, q, k, v, bias)
+    got = vjp(g)
+    for a, r in zip((out, *got), (ref_out, *ref)):
+        assert a.dtype == r.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_split_heads_custom_vjp_is_exact(dtype):
     """split_heads' one-pass backward gives autodiff's qkv gradient bit for bit (it only moves values)."""
     from dit.attention import split_heads
