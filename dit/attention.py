@@ -11,7 +11,8 @@ dot-product attention with a float32 softmax, an output linear):
            padded each to full size and added them, ~3 ms of every DiT-S/2 layer's ~25 ms core on
            XLA:CPU; the train step 1.5-3% faster); the core is two batched (B, H)
            matmuls around a float32 softmax, with its backward written out by hand (a custom VJP, about
-           1.5x faster than autodiff's on XLA:CPU); the output goes back to (B, T, C) for one GEMM with
+           1.5x faster than autodiff's on XLA:CPU; every product in the form XLA:CPU gives to YNNPACK,
+           `_backward`); the output goes back to (B, T, C) for one GEMM with
            Wproj. What XLA:CPU runs best (benchmarks/bench_train_step.py --profile). Writing the
            projection as an einsum straight into (3, B, H, T, D) looks copy-free, but XLA computes it
            as W^T x^T and then transposes (T, D) element by element to slice q, k, v: guided DiT-S/2
@@ -34,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dit.linear import choose_impl, matmul
 
@@ -78,18 +80,31 @@ def _backward(qs, k, v, p, s, dout):
     never materialised: with g = dout / s (a (T, D) scaling), dv = p^T g, dw' = g v^T (= dw / s), and
     dlogits = w * (dw - rowsum(dw * w)) = p * (dw' - rowsum(dw' * p) / s). Four batched matmuls and one
     elementwise pass over the (T, T) weights, where autodiff of the forward adds transposes and a second
-    pass for the softmax. qs is q scaled as the forward scaled it; dq and dk take the scale where it was."""
+    pass for the softmax. qs is q scaled as the forward scaled it; dq and dk take the scale where it was.
+
+    dv = p^T g and dk = ds^T qs contract the (T, T) matrix over its rows: a dot with a transposed left
+    operand, which XLA:CPU gives to Eigen instead of YNNPACK, 2.5x slower at DiT-S/2's shapes (2.2 against
+    0.85 ms a device and layer). So both are computed transposed, dv^T = g^T p and dk^T = qs^T ds, over g^T
+    and qs^T copied out ((T, D) each, ~0.1 ms), and transposed back. The barriers keep XLA from folding
+    those transposes back into the dot, which it otherwise does. The same sums, so the same values to
+    float32 rounding; DiT-S/2's train step 3-8% faster (benchmarks/NOTES.md)."""
     q_scale, logit_scale = _scales(qs.shape[-1])
     g = (dout.astype(jnp.float32) / s).astype(v.dtype)
-    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(v.dtype), g)
     dw = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=jnp.float32)
     dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True) / s)
     ds = (dlogits * logit_scale if logit_scale != 1.0 else dlogits).astype(qs.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
     if q_scale != 1.0:
         dq = dq * jnp.asarray(q_scale, dq.dtype)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, qs)
+    dv = _rows_product(g, p.astype(v.dtype))
+    dk = _rows_product(qs, ds)
     return dq, dk, dv, dlogits
+
+
+def _rows_product(a, m):
+    """m^T a for m (B, H, T, T) and a (B, H, T, D), as (a^T m)^T with a^T materialised (see _backward)."""
+    a_t = lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
+    return jnp.swapaxes(lax.optimization_barrier(jnp.einsum("bhdq,bhqk->bhdk", a_t, m)), -1, -2)
 
 
 @jax.custom_vjp

@@ -312,10 +312,11 @@ def test_attention_core_custom_vjp_matches_autodiff(dtype):
 def test_attention_scale_on_q_is_exact(d, dtype):
     """Where 1/sqrt(D) is a power of two (D = 64) the core puts it on q, elsewhere (D = 72) on the logits.
     Either way the output and the gradients of q, k, v and the logit bias are, to the bit, those of the
-    scale on the logits, with the same hand-written backward (scaling by a power of two is exact)."""
+    scale on the logits, with the same hand-written backward (scaling by a power of two is exact); dk and
+    dv on both sides through the core's own product over the rows of a (T, T) matrix."""
     import math
 
-    from dit.attention import _scales, attention_core
+    from dit.attention import _rows_product, _scales, attention_core
 
     assert _scales(64) == (0.125, 1.0) and _scales(16) == (0.25, 1.0)
     assert _scales(72) == (1.0, 1 / math.sqrt(72)) and _scales(32) == (1.0, 1 / math.sqrt(32))
@@ -333,13 +334,32 @@ def test_attention_scale_on_q_is_exact(d, dtype):
     dw = jnp.einsum("bhqd,bhkd->bhqk", gs, v, preferred_element_type=jnp.float32)
     dlogits = p * (dw - jnp.sum(dw * p, axis=-1, keepdims=True) / s)
     ds = (dlogits * scale).astype(dtype)
-    ref = (jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q),
-           jnp.einsum("bhqk,bhqd->bhkd", p.astype(dtype), gs), jnp.sum(dlogits, axis=0))
+    ref = (jnp.einsum("bhqk,bhkd->bhqd", ds, k), _rows_product(q, ds), _rows_product(gs, p.astype(dtype)),
+           jnp.sum(dlogits, axis=0))
     out, vjp = jax.vjp(attention_core, q, k, v, bias)
     got = vjp(g)
     for a, r in zip((out, *got), (ref_out, *ref)):
         assert a.dtype == r.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(r, np.float32))
+
+
+def test_attention_core_dots_contract_the_left_operands_last_axis_on_cpu():
+    """Every batched matmul of the core, forward and backward, in XLA:CPU's optimized program contracts its
+    left operand over its last axis: the form XLA:CPU gives to YNNPACK, not Eigen (dv and dk are computed
+    transposed, `_rows_product`). The plain p^T g compiles to a left operand contracted over its rows: the
+    check can fail."""
+    import re
+
+    from dit.attention import attention_core
+
+    q = jnp.ones((2, 3, 32, 16), jnp.float32)
+    dots = re.compile(r" dot\(%[^)]*\), lhs_batch_dims=\{0,1\}, lhs_contracting_dims=\{(\d)\}")
+    hlo = lambda f, *a: jax.jit(f, backend="cpu").lower(*a).compile().as_text()
+    plain = dots.findall(hlo(lambda m, g: jnp.einsum("bhqk,bhqd->bhkd", m, g), jnp.ones((2, 3, 32, 32)), q))
+    assert plain == ["2"]
+    found = dots.findall(hlo(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v) ** 2), argnums=(0, 1, 2)),
+                             q, q, q))
+    assert len(found) == 6 and set(found) == {"3"}, found
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
