@@ -64,6 +64,24 @@ def test_fid_matches_independent_float64(method):
     assert rel(ours, fid_reference(a, b)) < 1e-6
 
 
+def test_fid_eigh_with_fewer_samples_than_dims_solves_the_small_problem(monkeypatch):
+    """N < D (the curves and yardsticks stages: hundreds of samples, 2048 features): eigh with the samples'
+    factor is an N x N eigenvalue problem, and it gives ADM's sqrtm number."""
+    a, b = gaussian_features(5, n=20), gaussian_features(6, shift=0.3)
+    sa, sb = adm.statistics(a), adm.statistics(b)
+    np.testing.assert_allclose(adm.factor(a).T @ adm.factor(a), sa[1], rtol=0, atol=1e-12)
+    sqrtm, independent = adm.frechet_distance(*sa, *sb, method="sqrtm"), fid_reference(a, b)
+
+    def no_eigh(m):
+        raise AssertionError(f"a {m.shape} eigendecomposition")
+
+    monkeypatch.setattr(adm.np.linalg, "eigh", no_eigh)
+    low = adm.frechet_distance(*sa, *sb, method="eigh", factor1=adm.factor(a))
+    assert rel(low, sqrtm) < 1e-6 and rel(low, independent) < 1e-6
+    with pytest.raises(AssertionError, match="eigendecomposition"):  # as many samples as dims: the D x D path
+        adm.frechet_distance(*sb, *sa, method="eigh", factor1=adm.factor(b))
+
+
 def test_fid_of_a_batch_against_itself_is_zero():
     a = gaussian_features(2)
     assert abs(adm.frechet_distance(*adm.statistics(a), *adm.statistics(a))) < 1e-3
@@ -158,8 +176,8 @@ def record_frechet(monkeypatch):
     checked above at 48 dims) by a recorder of the statistics it is given."""
     calls = []
 
-    def fake(mu1, sigma1, mu2, sigma2, method="sqrtm"):
-        calls.append((mu1, sigma1, mu2, sigma2, method))
+    def fake(mu1, sigma1, mu2, sigma2, method="sqrtm", factor1=None):
+        calls.append((mu1, sigma1, mu2, sigma2, method, factor1))
         return float(len(calls))
 
     monkeypatch.setattr(adm, "frechet_distance", fake)
@@ -182,14 +200,19 @@ def test_evaluate_wires_features_to_metrics(batches, inception, monkeypatch):
         assert set(res) == {"inception_score", "fid", "sfid", "precision", "recall"}
         assert res["inception_score"] is None  # TorchScript weights: no softmax layer
         assert (res["fid"], res["sfid"]) == (1.0, 2.0)
-        for (mu1, s1, mu2, s2, method), feat in zip(calls, ("pool_3", "spatial")):
-            assert method == "sqrtm"  # ADM's, unless asked otherwise
+        for (mu1, s1, mu2, s2, method, factor1), feat in zip(calls, ("pool_3", "spatial")):
+            assert method == "sqrtm" and factor1 is None  # ADM's, unless asked otherwise
             a, b = smp[feat].astype(np.float64), ref[feat].astype(np.float64)
             np.testing.assert_allclose(mu1, a.mean(0), rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(s1, np.cov(a, rowvar=False), rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(mu2, b.mean(0), rtol=1e-10, atol=1e-12)
             np.testing.assert_allclose(s2, np.cov(b, rowvar=False), rtol=1e-10, atol=1e-12)
         assert (res["precision"], res["recall"]) == pr_reference(ref["pool_3"], smp["pool_3"])
+    calls.clear()
+    adm.evaluate(d / "ref_cached.npz", d / "samples.npz", inception, batch_size=BATCH, fid_method="eigh")
+    for (_, s1, _, _, method, factor1), feat in zip(calls, ("pool_3", "spatial")):  # eigh gets the samples' factor
+        assert method == "eigh" and factor1.shape == smp[feat].shape
+        np.testing.assert_allclose(factor1.T @ factor1, s1, rtol=1e-10, atol=1e-12)
 
 
 def test_reference_file_holds_adm_keys_and_metadata(batches, inception):
@@ -208,7 +231,7 @@ def test_cli_prints_adm_lines_and_json(batches, capsys, tmp_path, monkeypatch):
     out = tmp_path / "m.json"
     assert adm.main([str(d / "ref.npz"), str(d / "samples.npz"), "--json", str(out),
                      "--batch-size", str(BATCH), "--fid-method", "eigh"]) == 0
-    assert [c[-1] for c in calls] == ["eigh", "eigh"]
+    assert [c[4] for c in calls] == ["eigh", "eigh"]
     text = capsys.readouterr().out
     assert "Inception Score: unavailable" in text and "\nFID: " in text and "\nRecall: " in text
     assert json.loads(out.read_text())["inception_score"] is None
