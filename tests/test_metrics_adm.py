@@ -78,6 +78,13 @@ def test_fid_eigh_with_fewer_samples_than_dims_solves_the_small_problem(monkeypa
     monkeypatch.setattr(adm.np.linalg, "eigh", no_eigh)
     low = adm.frechet_distance(*sa, *sb, method="eigh", factor1=adm.factor(a))
     assert rel(low, sqrtm) < 1e-6 and rel(low, independent) < 1e-6
+    # both covariances rank-deficient: tr sqrt(S1 S2) is then the nuclear norm of F1 F2^T, an independent
+    # form with no null space to round in; the small problem matches it to ~1e-15, sqrtm only to ~1e-7
+    c = gaussian_features(7, n=30, shift=0.1)
+    sc, fa, fc = adm.statistics(c), adm.factor(a), adm.factor(c)
+    nuclear = (((sa[0] - sc[0]) ** 2).sum() + np.trace(sa[1]) + np.trace(sc[1])
+               - 2 * np.linalg.svd(fa @ fc.T, compute_uv=False).sum())
+    assert rel(adm.frechet_distance(*sa, *sc, method="eigh", factor1=fa), nuclear) < 1e-12
     with pytest.raises(AssertionError, match="eigendecomposition"):  # as many samples as dims: the D x D path
         adm.frechet_distance(*sb, *sa, method="eigh", factor1=adm.factor(b))
 
