@@ -125,10 +125,11 @@ def factor(features, what: str = "features") -> np.ndarray:
 
 
 def _fid_of(features, ref_stats, what: str, method: str) -> float:
-    """FID of sample features against the reference's (mu, sigma); eigh gets the features' factor."""
+    """FID of sample features against the reference's (mu, sigma); eigh gets the features' factor where it
+    is used, with fewer samples than dimensions (not built for 50,000 x 2048 only to be dropped)."""
     mu, sigma = statistics(features, what)
-    return frechet_distance(mu, sigma, *ref_stats, method=method,
-                            factor1=factor(features, what) if method == "eigh" else None)
+    small = method == "eigh" and len(features) < len(mu)
+    return frechet_distance(mu, sigma, *ref_stats, method=method, factor1=factor(features, what) if small else None)
 
 
 # ---------------------------------------------------------------------------------------------- IS

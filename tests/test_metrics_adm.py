@@ -222,6 +222,13 @@ def test_evaluate_wires_features_to_metrics(batches, inception, monkeypatch):
         np.testing.assert_allclose(factor1.T @ factor1, s1, rtol=1e-10, atol=1e-12)
 
 
+def test_eigh_gets_a_factor_only_with_fewer_samples_than_dims(monkeypatch):
+    calls = record_frechet(monkeypatch)  # 400 x 48: the D x D path, so no (N, D) copy is built for it
+    for n in (20, 400):
+        adm._fid_of(gaussian_features(8, n=n), adm.statistics(gaussian_features(9)), "features", "eigh")
+    assert [c[5] is None for c in calls] == [False, True]
+
+
 def test_reference_file_holds_adm_keys_and_metadata(batches, inception):
     d, ref, _ = batches
     with np.load(d / "ref.npz", allow_pickle=False) as z:
