@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Tests import the project from the checkout and run stages with the interpreter running pytest.
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole run, made by the controlling process before the xdist workers
+    start, so they and every stage subprocess they run inherit it: the tests run the same tiny stages (and
+    the same compiled programs) dozens of times, and a cached program is the same executable, so no byte
+    changes (`tests/test_end_to_end.py` and the resume tests compare bytes across runs either way). An
+    existing JAX_COMPILATION_CACHE_DIR is kept as is."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config._jax_cache = tempfile.mkdtemp(prefix="dit-tests-jax-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config._jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_jax_cache", None):
+        shutil.rmtree(config._jax_cache, ignore_errors=True)
 
 
 def without_device_count() -> dict:
