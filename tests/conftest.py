@@ -21,8 +21,10 @@ def pytest_configure(config):
     if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     config._jax_cache = tempfile.mkdtemp(prefix="dit-tests-jax-cache-")
+    # every program, however quick to compile; a size limit turns on JAX's file lock around each read and
+    # write, so a process never reads an entry another is still writing
     os.environ.update(JAX_COMPILATION_CACHE_DIR=config._jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
 
 
 def pytest_unconfigure(config):
