@@ -14,8 +14,9 @@ so that load from other processes on a shared machine hits both alike; each roun
 untimed steps, so that neither side is timed while it recovers from the other's round (our first DiT-S/2
 step after a torch round ran 1-7% slower than the next ones); the report gives each
 side's median and best round in wall time and its median process CPU time per step.
-Ours splits the batch over params.yaml's `train.cpu_devices` XLA:CPU devices (data parallel, parameters
-replicated), as the train stage does on CPU; `--devices 1` times the one-device program.
+Ours splits the batch over `train.cpu_devices` XLA:CPU devices (data parallel, parameters replicated), as the
+train stage does on CPU, read from the row's params file (ROW_PARAMS: params.yaml for the embedded default,
+1 device; params-imagenet.yaml for DiT-S/2, 2 devices); `--devices N` times every row on N devices.
 --single-thread pins the process to one CPU before jax and torch start (XLA then sizes its thread pool to
 one; torch gets 1 thread): a steadier comparison of the work each side does when other jobs share the
 machine. (`--xla_cpu_multi_thread_eigen=false` and `--xla_cpu_use_thunk_runtime=false` no longer change
@@ -58,6 +59,17 @@ ROWS = {  # name -> (model name or field overrides, batch)
     "default": (dict(input_size=8, depth=4, hidden_size=128, num_heads=4, patch_size=2, num_classes=10,
                      learn_sigma=True), 64),
 }
+# the params file whose train.cpu_devices a row's step runs on: the embedded default's model as `make repro`
+# trains it; DiT-S/2 as the paper's configuration would train on CPU
+ROW_PARAMS = {"S2": "params-imagenet.yaml", "default": "params.yaml"}
+
+
+def row_cpu_devices(row):
+    """train.cpu_devices of the row's params file (ROW_PARAMS)."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ROW_PARAMS[row])) as f:
+        return int(yaml.safe_load(f)["train"]["cpu_devices"])
 
 
 def row_config(spec):
@@ -488,25 +500,27 @@ def main(argv=None):
                     help="ours without the stages' step memory settings (dit.backend: XLA's one temp block a "
                          "call, glibc's malloc defaults), for an A/B of them")
     ap.add_argument("--devices", type=int, default=None,
-                    help="XLA:CPU devices ours splits the batch over (default: params.yaml's train.cpu_devices, "
-                         "as the train stage runs on CPU; 1 = one device)")
+                    help="XLA:CPU devices ours splits every row's batch over (default: train.cpu_devices of the "
+                         "row's params file, as the train stage runs on CPU; 1 = one device)")
     args = ap.parse_args(argv)
     if args.single_thread:  # before jax and torch are imported (they are imported lazily below)
         pin_to_one_cpu()
         import torch
 
         torch.set_num_threads(1)
-    args.devices = stage_cpu_devices("train", args.devices, not args.plain_memory)  # before any JAX work
+    rows = args.rows.split(",")
+    devices = {row: args.devices or row_cpu_devices(row) for row in rows}
+    stage_cpu_devices("train", max(devices.values()), not args.plain_memory)  # before any JAX work
     print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
           f"both sides timed in alternating rounds", flush=True)
     print("(on a machine shared with other jobs, wall times swing with their load; CPU time per step "
           "is the steadier measure of the work each side does)")
-    for row in args.rows.split(","):
+    for row in rows:
         spec, batch = ROWS[row]
         if row == "S2":
             spec, batch = args.model or spec, args.batch or batch
         scale = 10 if row == "default" else 1
-        bench_row(spec, batch, args.rounds, args.steps * scale, args.devices, args.profile, args.warmup * scale,
+        bench_row(spec, batch, args.rounds, args.steps * scale, devices[row], args.profile, args.warmup * scale,
                   not args.plain_memory)
 
 
