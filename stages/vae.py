@@ -18,6 +18,7 @@ Writes artifacts/vae/{vae.msgpack, config.json, manifest.json}.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def train(config, images: np.ndarray, p: dict, log_every: int = 50):
     import jax
     import optax
 
+    from dit.backend import conv_compiler_options
     from dit.vae import AutoencoderKL, init_params, vae_loss
 
     model = AutoencoderKL(config)
@@ -134,7 +136,7 @@ def train(config, images: np.ndarray, p: dict, log_every: int = 50):
             aux = dict(aux, loss=loss, edge=edge)
         return loss, aux
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv_compiler_options())  # Eigen convs on CPU (dit.backend)
     def step_fn(params, opt_state, data, step):
         idx = jax.random.choice(jax.random.fold_in(batch_key, step), n, (batch,), replace=False)
         x = to_model(data[idx])
@@ -166,12 +168,13 @@ def latent_stats(config, params, images: np.ndarray, seed: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from dit.backend import conv_compiler_options
     from dit.vae import AutoencoderKL
 
     model = AutoencoderKL(config)
     scale_key = jax.random.fold_in(jax.random.key(seed), 3)  # stream 3: after init, batch and noise
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv_compiler_options())
     def stats(x_uint8, first_index):
         x = to_model(x_uint8)
         mean, logvar = model.apply({"params": params}, x, method=AutoencoderKL.encode)

@@ -18,6 +18,7 @@ metrics.json next to the samples' FID.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def reconstruct(images: np.ndarray) -> np.ndarray:
     import jax
     import jax.numpy as jnp
 
-    from dit import vae as vae_lib
+    from dit import backend, vae as vae_lib
 
     try:
         config, params = vae_lib.load(VAE)
@@ -61,7 +62,7 @@ def reconstruct(images: np.ndarray) -> np.ndarray:
         fail(f"artifacts/vae: {e}")
     model = vae_lib.AutoencoderKL(config)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=backend.conv_compiler_options())  # Eigen convs on CPU
     def recon(x_uint8):
         x = x_uint8.astype(jnp.float32) / 127.5 - 1.0  # as the encode stage feeds the VAE
         mean, _ = model.apply({"params": params}, x, method=vae_lib.AutoencoderKL.encode)
