@@ -49,7 +49,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe, pin_to_one_cpu, stage_cpu_devices  # noqa: E402
+from machine import describe, params_cpu_devices, pin_to_one_cpu, stage_cpu_devices  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -62,14 +62,6 @@ ROWS = {  # name -> (model name or field overrides, batch)
 # the params file whose train.cpu_devices a row's step runs on: the embedded default's model as `make repro`
 # trains it; DiT-S/2 as the paper's configuration would train on CPU
 ROW_PARAMS = {"S2": "params-imagenet.yaml", "default": "params.yaml"}
-
-
-def row_cpu_devices(row):
-    """train.cpu_devices of the row's params file (ROW_PARAMS)."""
-    import yaml
-
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ROW_PARAMS[row])) as f:
-        return int(yaml.safe_load(f)["train"]["cpu_devices"])
 
 
 def row_config(spec):
@@ -509,7 +501,7 @@ def main(argv=None):
 
         torch.set_num_threads(1)
     rows = args.rows.split(",")
-    devices = {row: args.devices or row_cpu_devices(row) for row in rows}
+    devices = {row: args.devices or params_cpu_devices("train", ROW_PARAMS[row]) for row in rows}
     stage_cpu_devices("train", max(devices.values()), not args.plain_memory)  # before any JAX work
     print(f"{os.cpu_count()} CPUs{', single thread' if args.single_thread else ''}; "
           f"both sides timed in alternating rounds", flush=True)

@@ -23,16 +23,21 @@ def pin_to_one_cpu() -> int:
     return cpu
 
 
+def params_cpu_devices(stage: str, params_file: str = "params.yaml") -> int:
+    """`<stage>.cpu_devices` of a params file at the project root: the XLA:CPU devices that stage runs on."""
+    import yaml
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", params_file)) as f:
+        return int(yaml.safe_load(f)[stage]["cpu_devices"])
+
+
 def stage_cpu_devices(stage: str, devices: int | None = None, step_memory: bool = False) -> int:
     """Make XLA:CPU present `devices` devices, or as many as params.yaml's `<stage>.cpu_devices` (what the
     stage runs on CPU); with `step_memory`, also set malloc as the train stage does
     (dit.backend.keep_step_memory: process-wide, so a peer in the same process runs with it too). Returns
     the count. Call after pin_to_one_cpu and before any JAX work."""
     if devices is None:
-        import yaml
-
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "params.yaml")) as f:
-            devices = int(yaml.safe_load(f)[stage]["cpu_devices"])
+        devices = params_cpu_devices(stage)
     from dit.backend import keep_step_memory, set_cpu_devices
 
     set_cpu_devices(devices)
