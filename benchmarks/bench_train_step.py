@@ -226,11 +226,17 @@ def block_gemms(cfg, batch):
 
 # Each linear layer's three matmuls, with the operands laid out as each side's step holds them: ours keeps
 # W as (in, out), so y = x W, dx = dy W^T and dW = x^T dy, the last with its left operand transposed
-# (XLA:CPU gives YNNPACK no such GEMM and runs it on Eigen); torch's nn.Linear keeps W as (out, in), so
-# y = x W^T, dx = dy W and dW = dy^T x. "nn" is the earlier measure: every product fed as a plain
-# (M, K) @ (K, N), operands pre-transposed, on both sides.
+# (XLA:CPU gives YNNPACK no such GEMM and runs it on Eigen), or (dy^T x)^T in a layer that narrows, as
+# dit.linear.weight_grad computes it; torch's nn.Linear keeps W as (out, in), so y = x W^T, dx = dy W and
+# dW = dy^T x. "nn" is the earlier measure: every product fed as a plain (M, K) @ (K, N), operands
+# pre-transposed, on both sides.
+def _ours_dw(x, g):
+    from dit.linear import weight_grad
+    return weight_grad(x, g)
+
+
 LAYOUTS = {
-    "ours": (("x", "w", lambda x, w: x @ w), ("g", "w", lambda g, w: g @ w.T), ("x", "g", lambda x, g: x.T @ g)),
+    "ours": (("x", "w", lambda x, w: x @ w), ("g", "w", lambda g, w: g @ w.T), ("x", "g", _ours_dw)),
     "peer": (("x", "wt", lambda x, w: x @ w.t()), ("g", "wt", lambda g, w: g @ w), ("g", "x", lambda g, x: g.t() @ x)),
 }
 
