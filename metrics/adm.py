@@ -78,9 +78,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
     `factor1` (eigh only): F with sigma1 = F^T F, the centred features over sqrt(N - 1) (`factor`). With
     fewer rows than dimensions (a few hundred samples against 2048 features: the curves and yardsticks
     stages) sigma1 sigma2 has the nonzero eigenvalues of F sigma2 F^T, so tr sqrt is an N x N eigenvalue
-    problem instead of two D x D eigendecompositions (milliseconds instead of ~2 s), and no rounding noise
-    from sigma1's null space enters the square roots (on 500 x 2048 features it matches the nuclear norm of
-    F1 F2^T to ~1e-15; sqrtm and the D x D eigh are ~1e-7 off).
+    problem instead of two D x D eigendecompositions (milliseconds instead of ~2 s). Both eigh forms set the
+    eigenvalues within rounding of zero to 0 (`psd_clip`), so no rounding noise from a null space enters
+    the square roots: on 500 x 2048 features both match the nuclear norm of F1 F2^T to ~1e-15 on any CPU,
+    where sqrtm is ~4e-8 off.
     """
     mu1, sigma1 = _check_stats(mu1, sigma1, "statistics 1")
     mu2, sigma2 = _check_stats(mu2, sigma2, "statistics 2", dim=mu1.shape[0])
@@ -109,13 +110,28 @@ def _trace_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
 
 
 def _trace_sqrt_eigh(sigma1: np.ndarray, sigma2: np.ndarray, factor1: np.ndarray | None = None) -> float:
+    dim = len(sigma2)
     if factor1 is not None and factor1.shape[0] < factor1.shape[1]:
         m = factor1 @ sigma2 @ factor1.T  # (N, N): the nonzero spectrum of sigma1 sigma2
     else:
         w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-        root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        root1 = (v * np.sqrt(psd_clip(w, dim))) @ v.T
         m = root1 @ sigma2 @ root1
-    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    return float(np.sqrt(psd_clip(np.linalg.eigvalsh((m + m.T) / 2), dim)).sum())
+
+
+def psd_clip(w: np.ndarray, dim: int) -> np.ndarray:
+    """Eigenvalues `w` of a positive semi-definite matrix formed from `dim`-dimensional features, with those
+    within rounding of zero set to 0, as exact arithmetic has them.
+
+    An exact zero eigenvalue (centring leaves one; fewer samples than dimensions leave many) comes back from
+    forming the matrix and from LAPACK as +-1e-16 ||m|| or so, positive with one CPU's kernels and negative
+    with another's. A square root turns that into ~1e-8 sqrt(||m||), the only part of tr sqrt that would
+    depend on the machine (1e-9 of a FID on a Zen 3). Values below dim * eps * max|w| (np.linalg.matrix_rank's
+    tolerance) are therefore 0; a true eigenvalue that small would add at most its square root, as the
+    rounding did."""
+    tol = max(dim, len(w)) * np.finfo(w.dtype).eps * (np.abs(w).max() if w.size else 0.0)
+    return np.where(w > tol, w, 0.0)
 
 
 def factor(features, what: str = "features") -> np.ndarray:
