@@ -33,6 +33,14 @@ def tfds_units(spec: dict, batch_size: int, chunk_batches: int | None = None) ->
     return [("tfds", dict(spec), a, min(a + step, n)) for a in range(0, n, step)]
 
 
+def tfds_path_exists(path: str) -> bool:
+    """Whether a data_dir or manual_dir exists, asked as tensorflow-datasets asks (etils' epath: TensorFlow's
+    own GCS client for gs://), so a check before the job meets the failures the job would meet."""
+    from etils import epath
+
+    return epath.Path(path).exists()
+
+
 def open_builder(spec: dict):
     import tensorflow_datasets as tfds
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-from pathlib import Path
+import threading
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -69,36 +68,66 @@ def _tmp_name(path: str) -> str:
 
 # ------------------------------------------------------------------------------------- before any work
 
-
-def _has_gcp_credentials() -> bool:
-    """Credentials Google's clients would find, checked without waiting on the network for long."""
-    env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if env:
-        return Path(env).is_file()
-    adc = Path(os.environ.get("CLOUDSDK_CONFIG", Path.home() / ".config/gcloud"))
-    if (adc / "application_default_credentials.json").is_file():
-        return True
-    try:  # on GCE / GKE / Dataflow the metadata server answers at once; elsewhere give up after 1 s
-        with socket.create_connection(("169.254.169.254", 80), timeout=1.0):
-            return True
-    except OSError:
-        return False
+# How long a remote path may take to answer the first check. A bucket answers in a second; a path with no
+# route to it makes Google's and Amazon's clients retry with backoff for minutes. Tests shorten it.
+REMOTE_TIMEOUT_S = float(os.environ.get("DIT_REMOTE_TIMEOUT_S", "30"))
+_DENIED = ("response code 401", "response code 403", "AccessDenied", "Forbidden", "Unauthorized",
+           "PermissionDenied", "credentials")
 
 
-def check_reachable(path: str, param: str) -> None:
+def check_reachable(path: str, param: str, exists=None, timeout: float | None = None) -> None:
     """Raise StorageError naming `param` when `path`'s filesystem cannot be used from here.
 
-    Checked before the job starts: an unknown scheme, a missing Beam extra, or gs:// without credentials
-    would otherwise surface (or hang on retries) only inside the workers.
+    Checked before the job starts, by asking the path's own client whether it exists: `exists(path)`, the
+    check of whatever will read the path (tensorflow-datasets passes etils' epath; by default Beam's
+    FileSystems, which also says when a Beam extra is missing). Every way a remote path fails is then one
+    line: no DNS, no route (a timeout), no credentials or no access (401/403), no such bucket (404), a
+    scheme with no filesystem. A path that is missing inside an existing bucket is not an error here.
     """
     s = scheme(path)
     if not s or s == "file":
         return
-    try:
-        FileSystems.get_filesystem(path)
-    except ValueError:
-        extra = {"gs": "apache-beam[gcp]", "s3": "apache-beam[aws]"}.get(s, f"a FileSystem for {s}://")
-        raise StorageError(f"{param}: '{path}' needs {extra}, which is not installed") from None
-    if s == "gs" and not _has_gcp_credentials():
-        raise StorageError(f"{param}: '{path}' is on GCS but no credentials were found "
-                           "(set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`)")
+    if exists is None:
+        try:
+            FileSystems.get_filesystem(path)
+        except ValueError:
+            extra = {"gs": "apache-beam[gcp]", "s3": "apache-beam[aws]"}.get(s, f"a FileSystem for {s}://")
+            raise StorageError(f"{param}: '{path}' needs {extra}, which is not installed") from None
+        exists = FileSystems.exists
+    timeout = REMOTE_TIMEOUT_S if timeout is None else timeout
+    if _answer(exists, path, param, timeout):
+        return
+    bucket = f"{s}://{path.split('://', 1)[1].split('/', 1)[0]}"
+    if bucket != path.rstrip("/") and not _answer(exists, bucket, param, timeout):
+        raise StorageError(f"{param}: '{path}': the bucket {bucket} does not exist (or is not visible to "
+                           "these credentials)")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (clients put whole HTTP bodies and stacks after it)."""
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _answer(exists, path: str, param: str, timeout: float) -> bool:
+    """exists(path), or StorageError naming `param` when it raises or does not answer within `timeout`."""
+    out: dict = {}
+
+    def ask():
+        try:
+            out["found"] = bool(exists(path))
+        except BaseException as e:  # whatever the client raises: the reason is its first line
+            out["error"] = e
+
+    worker = threading.Thread(target=ask, daemon=True)  # a client stuck in its retries is left behind
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise StorageError(f"{param}: '{path}' did not answer within {timeout:g} s (no route to the storage "
+                           "service, or a proxy or firewall in the way; DIT_REMOTE_TIMEOUT_S sets the wait)")
+    if "error" in out:
+        e = out["error"]
+        reason = first_line(e)
+        hint = ("; check the credentials (GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default "
+                "login`, AWS_PROFILE) and the bucket's permissions") if any(d in reason for d in _DENIED) else ""
+        raise StorageError(f"{param}: '{path}' cannot be read ({type(e).__name__}: {reason}){hint}")
+    return out["found"]

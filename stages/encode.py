@@ -60,16 +60,14 @@ def main(argv: list[str]) -> None:
 
     logging.getLogger().setLevel(logging.ERROR)  # Beam's workers log every bundle at INFO/WARNING
     # after the cheap checks: importing Beam takes seconds
-    from pipelines import storage
     from pipelines.encode import load_vae, run
     from pipelines.records import SCHEMA_VERSION, decode_record
 
     check_runner(cfg["runner"])
-    if index["source"] == "tfds" and index["tfds"].get("data_dir"):
-        try:
-            storage.check_reachable(index["tfds"]["data_dir"], "data.data_dir")
-        except storage.StorageError as e:
-            fail(str(e))
+    if index["source"] == "tfds":
+        from stages.tfds_source import check_paths
+
+        check_paths(index["tfds"].get("data_dir"), None)
     try:
         load_vae(str(VAE))
     except (ValueError, TypeError, KeyError) as e:

@@ -107,11 +107,43 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
     ([], "data.data_dir"),                                                # nothing prepared, no tars
     (["--set", "data.manual_dir=/no/such/tars"], "data.manual_dir"),
     (["--set", "data.tfds_name=no_such_dataset_xyz"], "data.tfds_name"),
-    (["--set", "data.data_dir=gs://no-bucket/tfds"], "gs://no-bucket"),   # no GCS filesystem/credentials
+    (["--set", "data.data_dir=s3://no-bucket/tfds"], "data.data_dir: 's3://no-bucket/tfds'"),  # no S3 in TF
 ])
 def test_missing_tfds_dataset_is_one_line_exit_2(workdir, tmp_path, extra, needle):
     proc = run_stage("data", workdir, "--set", "data.source=tfds", "--set", f"data.data_dir={tmp_path}",
                      *extra, check=False, timeout=120)  # fails fast, never waits on the network
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert not (workdir / "artifacts/data").exists()
+
+
+@pytest.mark.parametrize("param, mode, needle", [
+    ("data_dir", "dns", "Could not resolve"),       # no DNS (a proxy host under .invalid never resolves)
+    ("data_dir", "refused", "did not answer within 4 s"),  # no route: the client retries until the deadline
+    ("data_dir", "hang", "did not answer within 4 s"),     # accepted, never answered
+    ("data_dir", "401", "check the credentials"),   # no credentials: no metadata server, anonymous refused
+    ("data_dir", "403", "response code 403"),       # credentials without access
+    ("data_dir", "404", "the bucket gs://dit-test-bucket does not exist"),
+    ("manual_dir", "403", "response code 403"),
+])
+def test_unreachable_bucket_is_one_line_exit_2(workdir, tmp_path, param, mode, needle):
+    """Every way a gs:// path can be out of reach, made on loopback whatever this machine's network does:
+    TensorFlow's own GCS client (what tfds reads with) goes through a proxy that fails as `mode` says."""
+    from fake_gcs import FakeGCS, env
+
+    fake = FakeGCS(mode, tmp_path / "fake") if mode not in ("dns", "refused") else None
+    path = "gs://dit-test-bucket/tfds"
+    sets = {"data_dir": str(tmp_path / "tfds"), "manual_dir": None, param: path}
+    args = [a for k, v in sets.items() if v for a in ("--set", f"data.{k}={v}")]
+    try:
+        proc = run_stage("data", workdir, "--set", "data.source=tfds", *args, check=False, timeout=120,
+                         env={**env(mode, tmp_path, fake), "DIT_REMOTE_TIMEOUT_S": "4"})
+    finally:
+        if fake:
+            fake.close()
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: data.{param}: '{path}'") and needle in lines[0], lines[0]
+    if fake:  # the client did go to the fake: GCS itself answered, or (hang) its first request never was
+        assert any("googleapis.com" in r for r in fake.requests) if mode != "hang" else fake.requests
     assert not (workdir / "artifacts/data").exists()
