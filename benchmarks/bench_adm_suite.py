@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     import jax
 
     from metrics import adm
+    from dit.backend import conv_compiler_options
     from metrics.inception import InceptionV3
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         write_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        inception = InceptionV3.load()
+        inception = InceptionV3.load(compiler_options=conv_compiler_options())
         warm = np.zeros((args.batch_size, args.size, args.size, 3), np.uint8)
         inception.features(warm, batch_size=args.batch_size)  # compile resize + network for this shape
         compile_s = time.perf_counter() - t0

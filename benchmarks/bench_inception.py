@@ -50,13 +50,13 @@ def main() -> None:
     import jax
     import torch
 
-    from dit.backend import cpu_compiler_options
+    from dit.backend import conv_compiler_options, cpu_compiler_options
     from metrics.inception import InceptionV3
 
     images = np.random.default_rng(0).integers(0, 256, (args.images, 299, 299, 3), dtype=np.uint8)
     b = args.batch_size
 
-    ours = InceptionV3.load()
+    ours = InceptionV3.load(compiler_options=conv_compiler_options())
     t0 = time.perf_counter()
     ours.features(images[:b], batch_size=b)  # compiles resize + network for this batch shape
     compile_s = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 Two shapes: the embedded default (8x8x4 latents, the params.yaml model, batch 64) and DiT-S/2-shaped
 records (32x32x4 latents, DiT-S/2, batch 8 on a CPU). Records are written in the encode stage's format
-(msgpack, ArrayRecord, one record per chunk) to a temporary folder; the loader is stages/loader.py with
+(msgpack, ArrayRecord, one record per chunk) to a temporary folder; the loader is stages/runtime/loader.py with
 its defaults (no worker processes), the trainer step is stages/train.py's `make_step` on this machine's
 devices, timed after compilation.
 
@@ -45,7 +45,7 @@ def write_shards(folder: Path, n: int, shape: tuple[int, ...], shards: int = 4) 
 
 
 def loader_img_s(paths, counts, batch: int, seconds: float) -> float:
-    from stages.loader import make_loader, open_records
+    from stages.runtime.loader import make_loader, open_records
 
     records = open_records(paths, counts, use_flips=True, flip_encoded=False)
     it = make_loader(records, batch, seed=0, rows=(0, batch), start_step=0, only_unflipped=False)
@@ -63,7 +63,7 @@ def trainer_img_s(cfg: dict, latent: int, batch: int, seconds: float) -> float:
     from dit.backend import keep_step_memory, step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT, dit_config, init_params
-    from stages.train import make_optimizer, make_step
+    from stages.runtime.train_step import make_optimizer, make_step
 
     keep_step_memory()  # as the train stage sets it, with step_compiler_options below
     common = dict(input_size=latent, in_channels=4, num_classes=10, learn_sigma=True, block="adaln_zero")

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_gpu.py [--model DiT-XL/2] [--batch 128] [--steps 10] [--rounds 3]
                                          [--dtype bfloat16] [--sides ours-cudnn,ours-fused,ours-heads,peer,peer-compile]
 
-Ours is `stages.train.make_step` exactly as the train stage compiles it: the diffusion loss (MSE + VB) on
+Ours is `stages.runtime.train_step.make_step` exactly as the train stage compiles it: the diffusion loss (MSE + VB) on
 latents drawn from stored posterior moments, AdamW, the EMA update, on params in float32 with the model's
 compute in `--dtype`. Our sides differ only in the attention formulation (dit/attention.py): "cudnn"
 (cuDNN's fused kernel, what attention_impl() picks on GPU), "fused" (jax.nn.dot_product_attention's
@@ -16,7 +16,7 @@ under bfloat16 autocast (params float32) when --dtype is bfloat16; "peer-compile
 Each side runs in its own process (JAX and torch each hold GPU memory), compile or warm-up apart from the
 steady state: `rounds` timed rounds of `steps` steps, synchronised on the device at each round's end; the
 median round is reported. MFU = 2 x forward MACs per image (dit.flops) x 3 (forward + backward) x img/s /
-the device's dense peak (stages.train_log.PEAKS: 989 TFLOP/s bf16 on an H100 SXM).
+the device's dense peak (stages.runtime.chips.CHIPS: 989 TFLOP/s bf16 on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def side_ours(model_name, batch, dtype, rounds, steps):
     from dit.backend import step_compiler_options
     from dit.diffusion import create_diffusion
     from dit.models import DiT, dit_config, init_params
-    from stages.train import make_optimizer, make_step
+    from stages.runtime.train_step import make_optimizer, make_step
 
     cfg = dit_config(model_name, dtype=dtype)
     tx = make_optimizer({"lr": 1e-4, "weight_decay": 0.0, "grad_clip": None})
@@ -126,7 +126,7 @@ def side_peer(model_name, batch, dtype, rounds, steps, compile_):
 def report(model_name, batch, dtype, results):
     from dit.flops import count_flops
     from dit.models import dit_config
-    from stages.train_log import peak_tflops
+    from stages.runtime.chips import peak_tflops
 
     macs = count_flops(dit_config(model_name))
     print(f"\n{model_name}, batch {batch}, compute {dtype} (params float32); forward {macs / 1e9:.1f} GMACs/image; "

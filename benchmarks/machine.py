@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 
-from stages.common import cpu_model  # noqa: F401  (the benchmarks import it from here)
+from stages.runtime.common import cpu_model  # noqa: F401  (the benchmarks import it from here)
 
 
 def describe() -> str:

@@ -9,8 +9,9 @@ TF's average pooling that excludes padding, and mixed_10's max-pooled tower. Out
 
 Resize and network are two jitted functions so that the network compiles once per batch size, whatever
 the image size. Convolutions and the logits matmul use HIGHEST precision: accelerators would otherwise
-drop to TF32/bf16 and move FID. On CPU the network is compiled with XLA's Eigen convolutions rather than
-its YNNPACK ones (`dit.backend.conv_compiler_options`): the same features, about twice the throughput.
+drop to TF32/bf16 and move FID. The network's `compiler_options` come from the caller: the stages pass
+`dit.backend.conv_compiler_options()`, which on CPU compiles it with XLA's Eigen convolutions rather than its
+YNNPACK ones (the same features, about twice the throughput); this package imports nothing of the model's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit import backend
 from metrics import inception_weights
 from metrics.errors import MetricsInputError
 
@@ -187,14 +187,14 @@ def forward(params: dict, x: jax.Array) -> dict[str, jax.Array]:
 
 
 @functools.cache
-def _forward_for(platform: str, mesh: Mesh):
+def _forward_for(mesh: Mesh, compiler_options: tuple):
     """(resize, network), each mapped over the mesh's devices with shard_map: every device runs the
     single-device program on its own slice, so its compiled shapes are the per-device batch alone and a
     device's features do not depend on how many devices there are."""
     rows = P("batch")
     prep = jax.jit(jax.shard_map(_preprocess, mesh=mesh, in_specs=rows, out_specs=rows))
     net = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), rows), out_specs=rows),
-                  compiler_options=backend.conv_compiler_options(platform))
+                  compiler_options=dict(compiler_options) or None)
     return prep, net
 
 
@@ -233,15 +233,19 @@ class InceptionV3:
     weights_sha256: str  # of the folded feature weights: equal for both sources of one network
     params: dict = dataclasses.field(repr=False)
     mesh: Mesh = dataclasses.field(repr=False)
+    compiler_options: tuple = dataclasses.field(default=(), repr=False)  # sorted (name, value) pairs
 
     @classmethod
-    def load(cls, source: str = "torchscript", path: str | None = None,
-             devices: list | None = None) -> "InceptionV3":
+    def load(cls, source: str = "torchscript", path: str | None = None, devices: list | None = None,
+             compiler_options: dict | None = None) -> "InceptionV3":
+        """`compiler_options`: XLA options for the network's jit (dit.backend.conv_compiler_options for the
+        mesh's platform, as the stages pass them); None for XLA's defaults."""
         convs, softmax, resolved = inception_weights.load_params(source, path)
         mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("batch",))
         params = {"convs": convs} | ({"softmax": softmax} if softmax is not None else {})
         params = jax.device_put(params, NamedSharding(mesh, P()))
-        return cls(source, str(resolved), inception_weights.params_sha256(convs), params, mesh)
+        return cls(source, str(resolved), inception_weights.params_sha256(convs), params, mesh,
+                   tuple(sorted((compiler_options or {}).items())))
 
     @property
     def has_logits(self) -> bool:
@@ -264,7 +268,7 @@ class InceptionV3:
         per_device = max(1, int(batch_size))
         batch = per_device * self.mesh.devices.size
         sharding = NamedSharding(self.mesh, P("batch"))
-        prep, net = _forward_for(self.mesh.devices.flat[0].platform, self.mesh)
+        prep, net = _forward_for(self.mesh, self.compiler_options)
         outs, pending = [], None
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]

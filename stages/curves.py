@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, fail, is_int, load_inception, load_params, main_guard, read_manifest,
+from stages.runtime.common import (Manifest, fail, is_int, load_inception, load_params, main_guard, read_manifest,
                            scratch_dir, tree_sha256, write_json, write_tsv)
 
 CKPT, VAE, REFERENCE = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/reference")
@@ -60,7 +60,7 @@ def make_diffusion(spacing: str, learn_sigma: bool, param: str):
 def generate(sampler, ema, vae_params, root, sample_cfg, n: int, per_device: int, mesh, num_classes: int):
     """n uint8 images and labels, samples 0..n-1 exactly as the sample stage draws them."""
     from dit.sharding import batch_sharding
-    from stages.sample import run_sampler
+    from stages.runtime.sampler import run_sampler
 
     shard, step = batch_sharding(mesh), mesh.size * per_device
     images, labels = [], []
@@ -101,8 +101,8 @@ def main(argv: list[str]) -> None:
     from dit import vae as vae_lib
     from dit.models import DiT, DiTConfig
     from dit.sharding import make_mesh
-    from stages import checkpoint
-    from stages.sample import build_sampler, check_params as check_sample, cost
+    from stages.runtime import checkpoint
+    from stages.runtime.sampler import build_sampler, check_params as check_sample, chunk_program, cost
 
     check_sample(sample_cfg)
     config = DiTConfig(**info["dit"])
@@ -145,8 +145,8 @@ def main(argv: list[str]) -> None:
                 except Exception as e:
                     fail(f"{where}/{step}: cannot restore EMA weights ({type(e).__name__})")
             if spacing not in samplers:
-                samplers[spacing] = build_sampler(model, vae, diffusions[spacing], sample_cfg, scale,
-                                                  (h, h, config.in_channels), mesh)
+                samplers[spacing] = build_sampler(chunk_program(model, vae, diffusions[spacing], sample_cfg, scale,
+                                                                (h, h, config.in_channels)), mesh)
             images, labels = generate(samplers[spacing], emas[step], vae_params, root, sample_cfg,
                                       cfg["num_samples"], sample_cfg["batch_size"], mesh, config.num_classes)
             d = diffusions[spacing]

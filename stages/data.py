@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image
 
 from pipelines.images import IMAGE_EXTENSIONS, BadImage, decode_rgb
-from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, sha256_file,
+from stages.runtime.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, sha256_file,
                            write_json)
-from stages.images import open_rgb
-from stages.tfds_source import index_tfds
+from stages.runtime.images import open_rgb
+from stages.runtime.tfds_source import index_tfds
 
 OUT = Path("artifacts/data")
 

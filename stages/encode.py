@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
+from stages.runtime.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
                            require_path)
-from stages.images import read_index
+from stages.runtime.images import read_index
 
 DATA, VAE, OUT = Path("artifacts/data"), Path("artifacts/vae"), Path("artifacts/latents")
 
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
 
     check_runner(cfg["runner"])
     if index["source"] == "tfds":
-        from stages.tfds_source import check_paths
+        from stages.runtime.tfds_source import check_paths
 
         check_paths(index["tfds"].get("data_dir"), None)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import (Manifest, check_inception_batch, code_version, fail, load_inception, load_params,
+from stages.runtime.common import (Manifest, check_inception_batch, code_version, fail, load_inception, load_params,
                            main_guard, read_manifest, write_json)
 
 SAMPLES, REFERENCE, OUT = Path("artifacts/samples"), Path("artifacts/reference"), Path("artifacts/eval")

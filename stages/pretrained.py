@@ -11,7 +11,7 @@ without its argparse args) read with torch.load(weights_only=True): no pickle co
 shape is checked against the config the flags name before anything is written; the released files
 carry no config, so a 512 px file given as --image-size 256 is refused naming `pos_embed` and both
 shapes. OUT_DIR gets, atomically (a failed run leaves the old folder or none):
-- orbax/0/ema: the weights as the Orbax item stages.checkpoint.restore_ema reads (step 0). No `state`
+- orbax/0/ema: the weights as the Orbax item stages.runtime.checkpoint.restore_ema reads (step 0). No `state`
   item: a released file has no optimizer state, and sampling restores the EMA alone;
 - model.json: the keys the train stage writes (dit config, VAE scaling factor, classes, learn_sigma,
   diffusion steps, final_step 0);
@@ -26,7 +26,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from stages.common import Manifest, atomic_dir, fail, main_guard, sha256_file, tree_sha256, write_json
+from stages.runtime.common import Manifest, atomic_dir, fail, main_guard, sha256_file, tree_sha256, write_json
 
 # The released models were trained on sd-vae-ft-ema/-mse latents scaled by this (official sample.py).
 SCALING_FACTOR = 0.18215
@@ -81,7 +81,7 @@ def export(pt_path, out_dir, model_name: str | None, image_size: int, num_classe
     import orbax.checkpoint as ocp
 
     from dit.sharding import make_mesh
-    from stages import checkpoint
+    from stages.runtime import checkpoint
 
     params = jax.tree.map(jax.numpy.asarray, params)
     ema_sha256 = tree_sha256(params)
@@ -108,7 +108,7 @@ def export(pt_path, out_dir, model_name: str | None, image_size: int, num_classe
 
 def stage_main(argv: list[str]) -> None:
     """The DVC stage: params instead of arguments, artifacts/checkpoints as the output."""
-    from stages.common import load_params
+    from stages.runtime.common import load_params
 
     params = load_params("pretrained", argv, __doc__)
     cfg = params["pretrained"]

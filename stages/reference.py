@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, load_inception, load_params, main_guard,
+from stages.runtime.common import (Manifest, atomic_dir, fail, load_inception, load_params, main_guard,
                            read_manifest, require_path, sha256_file)
-from stages.images import BadImage, iter_images, read_index
+from stages.runtime.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/reference")
 

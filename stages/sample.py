@@ -12,34 +12,21 @@ gathered to every process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stages.common import (ROOT, Manifest, atomic_dir, cpu_model, fail, init_distributed, is_int, is_number,
-                           load_params, main_guard, read_manifest, sha256_file, tree_sha256)
-from stages.sample_chunks import ChunkStore, merge, num_chunks, plan
+from stages.runtime.common import (Manifest, atomic_dir, fail, init_distributed, is_int, load_params, main_guard,
+                                  read_manifest, sha256_file, tree_sha256)
+from stages.runtime.sample_chunks import ChunkStore, merge, num_chunks, plan
+from stages.runtime.sampler import (build_sampler, check_params, chunk_inputs_sha256, chunk_program, chunk_sha256,
+                                    cost, fingerprint, run_sampler)
 
 CKPT, VAE, OUT = Path("artifacts/checkpoints"), Path("artifacts/vae"), Path("artifacts/samples")
 WORK = Path("artifacts/.sample-work")
-LABELS = ("balanced", "uniform")
-# the code whose change changes a chunk's bytes: finished chunks made by other code are not reused
-RESULT_CODE = ("stages/sample.py", "dit/models.py", "dit/attention.py", "dit/linear.py", "dit/diffusion.py",
-               "dit/vae.py")
-
-
-def to_uint8(x):
-    """[-1, 1] images to uint8 exactly as the official sample_ddp.py: clamp(127.5 x + 128)."""
-    import jax.numpy as jnp
-
-    return jnp.clip(127.5 * x + 128.0, 0, 255).astype(jnp.uint8)
-
-
 def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
     """One row per class: the first `per_class` samples of that class (blank where there are fewer)."""
     h, w = images.shape[1:3]
@@ -53,155 +40,6 @@ def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_clas
             y, x = pad + c * (h * zoom + pad), pad + j * (w * zoom + pad)
             grid[y:y + h * zoom, x:x + w * zoom] = tile
     return grid
-
-
-def check_params(cfg: dict, num_classes: int | None = None) -> None:
-    for key in ("num_samples", "batch_size", "grid_per_class", "cpu_devices"):
-        if not is_int(cfg[key]):
-            fail(f"sample.{key}: expected a positive integer, got {cfg[key]!r}")
-    if not isinstance(cfg["batch_invariant"], bool):
-        fail(f"sample.batch_invariant: expected true or false, got {cfg['batch_invariant']!r}")
-    scale = cfg["cfg_scale"]
-    if not is_number(scale) or scale < 1.0:
-        fail(f"sample.cfg_scale: expected a finite number >= 1, got {scale!r}")
-    seed = cfg["seed"]
-    if not is_int(seed, 0, 2 ** 32):
-        fail(f"sample.seed: expected an integer in [0, 2**32), got {seed!r}")
-    if cfg["labels"] not in LABELS:
-        fail(f"sample.labels: expected one of {', '.join(LABELS)}, got {cfg['labels']!r}")
-    classes = cfg["classes"]
-    if classes is not None:
-        if not isinstance(classes, list) or not classes or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in classes):
-            fail(f"sample.classes: expected null or a non-empty list of class ids, got {classes!r}")
-        if num_classes is not None and not all(0 <= c < num_classes for c in classes):
-            bad = [c for c in classes if not 0 <= c < num_classes]
-            fail(f"sample.classes: class ids {bad} are out of range 0..{num_classes - 1}")
-
-
-def sample_labels(cfg: dict, root, indices: np.ndarray, num_classes: int) -> np.ndarray:
-    """Labels of samples `indices`: i mod C (balanced) or uniform from the key fold_in(root, i) as DiT's
-    sample_ddp.py draws them; over `sample.classes` when given."""
-    import jax
-
-    classes = np.asarray(cfg["classes"] if cfg["classes"] is not None else range(num_classes), np.int32)
-    if cfg["labels"] == "balanced":
-        return classes[indices % len(classes)]
-    label_root = jax.random.fold_in(root, 0xFFFFFFFF)  # a stream apart from the noise keys
-    pick = _uniform(label_root, indices, len(classes))
-    return classes[pick]
-
-
-def _fold(root, indices: np.ndarray) -> np.ndarray:
-    import jax
-    import jax.numpy as jnp
-
-    return np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(root, i))(
-        jnp.asarray(indices, jnp.uint32))))
-
-
-def _uniform(root, indices: np.ndarray, n: int) -> np.ndarray:
-    import jax
-
-    keys = jax.random.wrap_key_data(_fold(root, indices))
-    return np.asarray(jax.vmap(lambda k: jax.random.randint(k, (), 0, n))(keys))
-
-
-def run_sampler(sampler, ema, vae_params, root, cfg: dict, idx: np.ndarray, shard, num_classes: int):
-    """(images, labels) of samples `idx`: their keys and labels from (root, i), placed by `shard`, through
-    `build_sampler`'s program. `images` is a global array (each host holds its devices' rows)."""
-    import jax
-
-    key_data, labels = _fold(root, idx), sample_labels(cfg, root, idx, num_classes)
-    put = lambda host: jax.make_array_from_callback(host.shape, shard, lambda i: host[i])
-    return sampler(ema, vae_params, put(key_data), put(labels)), labels
-
-
-def machine_kind(device) -> str:
-    """What a chunk's bytes depend on beyond the code and inputs: a GPU's or TPU's kind, or on CPU the
-    processor (cpu_model: its ISA picks XLA's kernels) and the cores XLA's thread pool is sized by (the
-    Eigen convolutions of the VAE decode split their sums by it). Not the device count: a chunk is one
-    device's."""
-    if device.platform != "cpu":
-        return device.device_kind
-    affinity = getattr(os, "sched_getaffinity", None)
-    return f"{cpu_model()}; {len(affinity(0)) if affinity else os.cpu_count()} cores"
-
-
-def fingerprint(cfg: dict, seed: int, ema_sha256: str, vae_sha256: str, model_sha256: str, device) -> dict:
-    """What a chunk's bytes depend on; num_samples and grid_per_class are not among them."""
-    import jax
-
-    code = hashlib.sha256()
-    for rel in RESULT_CODE:
-        code.update(rel.encode() + b"\0" + (ROOT / rel).read_bytes())
-    keys = ("seed", "num_sampling_steps", "cfg_scale", "guided_channels", "batch_size", "batch_invariant",
-            "labels", "classes")
-    return {"root_seed": seed, **{f"sample.{k}": cfg[k] for k in keys}, "ema_sha256": ema_sha256,
-            "vae_sha256": vae_sha256, "model_sha256": model_sha256, "code_sha256": code.hexdigest(),
-            "jax": jax.__version__, "platform": device.platform, "machine": machine_kind(device)}
-
-
-def build_sampler(model, vae, diffusion, cfg, scale, latent_shape, mesh):
-    """jit(shard_map(one device's chunk)): (EMA, VAE params, raw keys (D*B, 2), labels (D*B,)) -> uint8
-    images. The weights are arguments, not closure constants: baked-in weights would be copied into the
-    program (hundreds of MB of HLO for the SD VAE) and slow its compile. With `sample.batch_invariant` a
-    device runs its chunk one sample at a time (lax.map of the one-sample program, denoising and decoding):
-    every kernel then has one shape whatever `batch_size`, so the bytes do not depend on it either."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    from dit.models import DiT
-    from dit.sharding import BATCH_AXES
-
-    num_classes = model.config.num_classes
-    use_cfg = cfg["cfg_scale"] > 1.0
-    guided = cfg["guided_channels"]
-
-    def chunk(ema, vae_params, key_data, labels):
-        keys = jax.random.wrap_key_data(key_data)
-        if use_cfg:
-            keys2 = jnp.concatenate([keys, keys])
-            y = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-
-            def model_fn(x, t):
-                return model.apply({"params": ema}, x, t, y, cfg["cfg_scale"], guided,
-                                   method=DiT.forward_with_cfg)
-        else:
-            keys2, y = keys, labels
-
-            def model_fn(x, t):
-                return model.apply({"params": ema}, x, t, y)
-
-        z = diffusion.sample_loop(model_fn, (keys2.shape[0], *latent_shape), keys2)
-        z = z[:keys.shape[0]] / scale
-        return to_uint8(vae.apply({"params": vae_params}, z, method=vae.decode))
-
-    def one_at_a_time(ema, vae_params, key_data, labels):
-        def one(args):
-            k, y = args
-            return chunk(ema, vae_params, k[None], y[None])[0]
-
-        return jax.lax.map(one, (key_data, labels))
-
-    rows = P(BATCH_AXES)
-    body = one_at_a_time if cfg["batch_invariant"] else chunk
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), rows, rows), out_specs=rows))
-
-
-def cost(config, ckpt_manifest: dict, sampling_steps: int, guided: bool) -> dict:
-    """The paper's compute columns: model Gflops (multiply-add = 1) at the latent size trained, training
-    compute = Gflops x 3 (forward + backward) x batch x steps, sampling Gflops per image = Gflops x
-    steps x 2 with guidance (a conditional and an unconditional pass)."""
-    from dit.flops import count_flops, count_params
-
-    gflops = count_flops(config) / 1e9
-    train = ckpt_manifest.get("params", {}).get("train", {})
-    batch, steps = train.get("global_batch_size"), ckpt_manifest.get("final_step")
-    return {"params": count_params(config), "gflops": gflops,
-            "train_gflops": gflops * 3 * batch * steps if batch and steps else None,
-            "sample_gflops_per_image": gflops * sampling_steps * (2 if guided else 1)}
 
 
 def main(argv: list[str]) -> None:
@@ -222,7 +60,7 @@ def main(argv: list[str]) -> None:
     from dit.diffusion import create_diffusion
     from dit.models import DiT, DiTConfig
     from dit.sharding import batch_sharding, make_mesh
-    from stages import checkpoint
+    from stages.runtime import checkpoint
 
     set_cpu_devices(cfg["cpu_devices"])  # before any JAX work; only the CPU backend; bytes do not depend on it
     init_distributed()
@@ -272,7 +110,8 @@ def main(argv: list[str]) -> None:
     total = num_chunks(n, per_device)
     scale = float(info["scaling_factor"])
     h = config.input_size
-    sampler = build_sampler(model, vae, diffusion, cfg, scale, (h, h, config.in_channels), mesh)
+    body = chunk_program(model, vae, diffusion, cfg, scale, (h, h, config.in_channels))
+    sampler = build_sampler(body, mesh)
     root = jax.random.fold_in(jax.random.key(params["seed"]), cfg["seed"])
 
     manifest = Manifest("sample", params)
@@ -283,7 +122,8 @@ def main(argv: list[str]) -> None:
     done_mask, problems = np.zeros(total, bool), []
     if primary:
         note = store.open(fingerprint(cfg, params["seed"], ema_hash, vae_hash, sha256_file(CKPT / "model.json"),
-                                      jax.devices()[0]))
+                                      jax.devices()[0], chunk_sha256(body, ema, vae_params, per_device),
+                                      chunk_inputs_sha256(cfg, root, config.num_classes)))
         if note:
             print(note, flush=True)
         done, problems = store.scan(total)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
+from stages.runtime.common import (Manifest, atomic_dir, fail, is_int, load_params, main_guard, read_manifest,
                            require_path)
-from stages.images import BadImage, iter_images, read_index
+from stages.runtime.images import BadImage, iter_images, read_index
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/vae")
 EVAL_BATCH = 128  # one fixed shape (the last batch is padded), so the eval function compiles once

@@ -136,7 +136,7 @@ def env(mode: str, folder: Path, fake: FakeGCS | None = None) -> dict:
     e = {k: v for k, v in os.environ.items() if k.lower() not in (
         "https_proxy", "http_proxy", "all_proxy", "no_proxy", "google_application_credentials")}
     e.update(https_proxy=proxy, http_proxy=proxy, HTTPS_PROXY=proxy, HTTP_PROXY=proxy,
-             CLOUDSDK_CONFIG=str(folder / "gcloud"), DIT_REMOTE_TIMEOUT_S="8")
+             CLOUDSDK_CONFIG=str(folder / "gcloud"))
     if fake:
         e["CURL_CA_BUNDLE"] = str(fake.ca)
     return e

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-# Twelve train steps (stages.train.make_step: DiT loss, AdamW, EMA) of a small DiT whose temporaries
+# Twelve train steps (stages.runtime.train_step.make_step: DiT loss, AdamW, EMA) of a small DiT whose temporaries
 # (~280 MB) are well over one block; prints the state's sha256 and the minor page faults of each step
 # after the first.
 STEPS = """
@@ -22,7 +22,7 @@ import jax, jax.numpy as jnp, numpy as np
 from dit import backend
 from dit.diffusion import create_diffusion
 from dit.models import DiT, dit_config, init_params
-from stages.train import make_optimizer, make_step
+from stages.runtime.train_step import make_optimizer, make_step
 options = {"none": None, "project": backend.step_compiler_options("cpu"),
            "1MB": {"xla_multiheap_size_constraint_per_heap": 1 << 20}}[sys.argv[1]]
 if sys.argv[1] == "project":

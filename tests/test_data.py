@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import run_stage
-from stages.images import center_crop_arr
+from stages.runtime.images import center_crop_arr
 
 
 def test_digits_imagefolder(workdir):

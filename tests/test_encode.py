@@ -59,7 +59,7 @@ def test_shards_hold_every_image_and_its_flip(encoded):
 
     # the stored moments are the VAE's encoding of the centre-cropped image and of its mirror (to float
     # rounding: the job runs another batch shape, compiled with dit.backend's CPU options)
-    from stages.images import load_image
+    from stages.runtime.images import load_image
 
     config, params = vae_lib.load(encoded / "artifacts/vae")
     model = vae_lib.AutoencoderKL(config)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from metrics.errors import MetricsInputError
+from dit.backend import conv_compiler_options
 from metrics.inception import InceptionV3, resize_bilinear_tf1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def smooth_images(rng, n, size):
 
 @pytest.fixture(scope="module")
 def inception():
-    return InceptionV3.load()
+    return InceptionV3.load(compiler_options=conv_compiler_options())
 
 
 @pytest.fixture(scope="module")
@@ -94,26 +95,25 @@ def test_uint8_and_float_inputs_agree_and_batches_are_independent(inception):
 
 
 def test_cpu_compile_options_keep_the_features_and_fall_back_when_unknown(inception, monkeypatch):
-    """The CPU network is compiled with Eigen convolutions (dit.backend.CPU_OPTIONS) where this XLA knows
-    the option; an XLA that does not know it gets its defaults, with the same features to float32 rounding."""
+    """The stages compile the CPU network with Eigen convolutions (dit.backend.CPU_OPTIONS, passed in by the
+    caller) where this XLA knows the option; with XLA's defaults the features are the same to float32
+    rounding; an XLA that does not know the option gets its defaults."""
     from dit import backend
-    from metrics import inception as mod
 
     assert backend.conv_compiler_options("cpu") == backend.CPU_OPTIONS  # this jax has the option: in use
     assert backend.conv_compiler_options("gpu") is None
+    assert dict(inception.compiler_options) == backend.CPU_OPTIONS
     images = smooth_images(np.random.default_rng(4), 2, 32)
     tuned = inception.features(images, batch_size=BATCH)
-    monkeypatch.setattr(backend, "CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
-    backend.cpu_compiler_options.cache_clear()
-    mod._forward_for.cache_clear()
-    try:
-        assert backend.conv_compiler_options("cpu") is None
-        plain = inception.features(images, batch_size=BATCH)
-    finally:
-        backend.cpu_compiler_options.cache_clear()
-        mod._forward_for.cache_clear()
+    plain = InceptionV3.load().features(images, batch_size=BATCH)
     for k in ("pool_3", "spatial"):
         assert rel_err(tuned[k], plain[k]) < 1e-5
+    monkeypatch.setattr(backend, "CPU_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    backend.cpu_compiler_options.cache_clear()
+    try:
+        assert backend.conv_compiler_options("cpu") is None
+    finally:
+        backend.cpu_compiler_options.cache_clear()
 
 
 @pytest.mark.parametrize("devices", [1, 2, 3, 8])
@@ -125,9 +125,10 @@ def test_same_bytes_on_any_device_count(inception, tmp_path, devices):
     np.save(tmp_path / "x.npy", images)
     code = textwrap.dedent(f"""
         import numpy as np, jax
+        from dit.backend import conv_compiler_options
         from metrics.inception import InceptionV3
         assert len(jax.devices()) == {devices}
-        m = InceptionV3.load()
+        m = InceptionV3.load(compiler_options=conv_compiler_options())
         f = m.features(np.load("{tmp_path / 'x.npy'}"), batch_size={BATCH})
         np.savez("{tmp_path / 'out.npz'}", **{{k: v for k, v in f.items() if v is not None}})
     """)

@@ -11,6 +11,7 @@ from scipy.spatial.distance import cdist
 
 from metrics import adm
 from metrics.errors import MetricsInputError
+from dit.backend import conv_compiler_options
 from metrics.inception import InceptionV3
 
 BATCH = 2  # the same batch size as tests/test_inception.py: one network compilation
@@ -183,7 +184,7 @@ def test_bad_metric_inputs(call, message):
 
 @pytest.fixture(scope="module")
 def inception():
-    return InceptionV3.load()
+    return InceptionV3.load(compiler_options=conv_compiler_options())
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from test_parity_diffusers import random_official_state_dict  # noqa: E402
 from dit import convert  # noqa: E402
 from dit.models import dit_config  # noqa: E402
 from stages import pretrained  # noqa: E402
-from stages.common import StageError, sha256_file, tree_sha256  # noqa: E402
+from stages.runtime.common import StageError, sha256_file, tree_sha256  # noqa: E402
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4)  # at 64 px: an 8x8 latent, 4 tokens
 
@@ -45,7 +45,7 @@ def save(path, obj):
 
 def test_route_restores_the_same_weights(tmp_path):
     from dit.sharding import make_mesh
-    from stages import checkpoint
+    from stages.runtime import checkpoint
 
     cfg, sd = tiny_sd()
     _, other = tiny_sd(seed=1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_stage
-from stages.common import sha256_file
+from stages.runtime.common import sha256_file
 
 
 def adm_batch(path, size=32, mu=None):

@@ -138,7 +138,7 @@ def test_batch_invariant_runs_in_the_stage(trained):
 
 
 def test_batch_invariant_sampler_gives_the_same_bytes_for_batch_8_and_5():
-    """build_sampler's one-sample-at-a-time program on a width-128 DiT (the embedded default's width) and
+    """chunk_program's one-sample-at-a-time program on a width-128 DiT (the embedded default's width) and
     a tiny VAE: 16 samples made in chunks of 8 and of 5 are the same uint8 bytes. The batched program
     runs other GEMM shapes per batch size, and here (XLA:CPU, AMD EPYC) its bytes differ in a few values."""
     import jax
@@ -148,7 +148,7 @@ def test_batch_invariant_sampler_gives_the_same_bytes_for_batch_8_and_5():
     from dit.diffusion import create_diffusion
     from dit.models import DiT, DiTConfig
     from dit.sharding import batch_sharding, make_mesh
-    from stages.sample import build_sampler, run_sampler
+    from stages.runtime.sampler import build_sampler, chunk_program, run_sampler
 
     config = DiTConfig(input_size=8, hidden_size=128, depth=2, num_heads=4, num_classes=10)
     model = DiT(config)
@@ -162,7 +162,7 @@ def test_batch_invariant_sampler_gives_the_same_bytes_for_batch_8_and_5():
     diffusion = create_diffusion(timestep_respacing="4", learn_sigma=True)
     mesh = make_mesh(-1, 1, jax.devices()[:1])
     cfg = {"cfg_scale": 4.0, "guided_channels": 3, "batch_invariant": True, "labels": "balanced", "classes": None}
-    sampler = build_sampler(model, vae, diffusion, cfg, 0.5, (8, 8, 4), mesh)
+    sampler = build_sampler(chunk_program(model, vae, diffusion, cfg, 0.5, (8, 8, 4)), mesh)
     root, shard = jax.random.key(3), batch_sharding(mesh)
     made = {}
     for b in (8, 5):

@@ -1,5 +1,5 @@
-"""The scaling study: the report (stages.scaling) on synthetic rows, and a smoke sweep of 2 tiny configs
-through the real DVC experiment machinery (stages.sweep -> dvc exp run --temp) in a copy of the repo."""
+"""The scaling study: the report (stages.tools.scaling) on synthetic rows, and a smoke sweep of 2 tiny configs
+through the real DVC experiment machinery (stages.tools.sweep -> dvc exp run --temp) in a copy of the repo."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from stages import scaling, scaling_figures
+from stages.tools import scaling, scaling_figures
 
 # ------------------------------------------------------------------------------------ the report, fast
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_stage
-from stages import common
+from stages.runtime import common
 
 
 def test_params_view_holds_only_declared_keys(workdir):
@@ -127,17 +127,6 @@ def test_every_stage_lists_the_code_it_runs(pipeline):
         assert not missing, f"{pipeline} stage {name}: deps miss {missing}"
 
 
-def test_sample_chunks_are_keyed_by_all_the_model_code():
-    """A finished sample chunk is reused only if the code that made it is unchanged: RESULT_CODE holds
-    every dit module its modules import at their top (dit/attention.py was once missing)."""
-    from stages.sample import RESULT_CODE
-
-    code = set(RESULT_CODE)
-    for rel in RESULT_CODE:
-        missing = {m for m in _project_imports(ROOT / rel, module_level_only=True) if m.startswith("dit/")} - code
-        assert not missing, f"{rel} imports {sorted(missing)}, not in stages/sample.py RESULT_CODE"
-
-
 def test_sample_chunks_are_keyed_by_the_machine_and_the_model_config(workdir):
     """Chunks made on another kind of machine (bytes differ in the last bits between CPU models and core
     counts, and between GPU kinds) or for another model.json are recomputed, never mixed in."""
@@ -145,14 +134,17 @@ def test_sample_chunks_are_keyed_by_the_machine_and_the_model_config(workdir):
 
     import jax
 
-    from stages.sample import fingerprint
+    from stages.runtime.sampler import fingerprint
 
     cfg = common.load_params("sample", ["--params", str(workdir / "params.yaml")])["sample"]
     gpu = lambda kind: types.SimpleNamespace(platform="gpu", device_kind=kind)  # noqa: E731
-    base = fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, gpu("NVIDIA H100 80GB HBM3"))
-    assert base != fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, gpu("NVIDIA A100-SXM4-40GB"))
-    assert base != fingerprint(cfg, 0, "e" * 64, "v" * 64, "n" * 64, gpu("NVIDIA H100 80GB HBM3"))
-    here = fingerprint(cfg, 0, "e" * 64, "v" * 64, "m" * 64, jax.devices("cpu")[0])
+    fp = lambda model, device, program="p" * 64: fingerprint(cfg, 0, "e" * 64, "v" * 64, model, device, program,
+                                                            "i" * 64)
+    base = fp("m" * 64, gpu("NVIDIA H100 80GB HBM3"))
+    assert base != fp("m" * 64, gpu("NVIDIA A100-SXM4-40GB"))
+    assert base != fp("n" * 64, gpu("NVIDIA H100 80GB HBM3"))
+    assert base != fp("m" * 64, gpu("NVIDIA H100 80GB HBM3"), program="q" * 64)
+    here = fp("m" * 64, jax.devices("cpu")[0])
     assert here["platform"] == "cpu" and here["machine"].endswith(" cores") and here["machine"][0] != ";"
 
 
@@ -198,7 +190,7 @@ def test_a_missing_or_unknown_param_is_one_line(workdir, edit, needle):
     ("num_workers", -1),
 ])
 def test_train_params_are_checked_before_anything_is_touched(workdir, key, value):
-    from stages import train
+    from stages.runtime import train_step as train
 
     cfg = common.load_params("train", ["--params", str(workdir / "params.yaml")])["train"]
     train.check_params(cfg)  # the project's own values pass
@@ -213,11 +205,11 @@ def test_train_params_are_checked_before_anything_is_touched(workdir, key, value
     ({"model": "DiT-Q/2"}, "train.model: unknown DiT model name"),
 ])
 def test_a_bad_model_field_names_its_own_param(workdir, sets, needle):
-    from stages import train
+    from stages.runtime import train_step as train
 
     cfg = common.load_params("train", ["--params", str(workdir / "params.yaml")])["train"]
     with pytest.raises(common.StageError, match=needle):
-        train.model_config({**cfg, **sets}, {"latent_shape": (8, 8, 4), "num_classes": 10})
+        train.model_config({**cfg, **sets}, (8, 8, 4), 10)
 
 
 def test_atomic_dir_removes_what_killed_runs_left(tmp_path):
@@ -228,7 +220,7 @@ def test_atomic_dir_removes_what_killed_runs_left(tmp_path):
     import subprocess
     import sys
 
-    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from stages.common import atomic_dir\n"
+    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from stages.runtime.common import atomic_dir\n"
             "with atomic_dir(sys.argv[1]) as tmp:\n"
             "    (tmp / 'half.bin').write_bytes(b'x' * 1000); os.kill(os.getpid(), 9)\n")
     final = tmp_path / "latents"

@@ -56,8 +56,8 @@ def test_tfds_split_feeds_data_encode_and_reference(workdir, tmp_path, monkeypat
 
     from pipelines import sources
     from stages import data, encode
-    from stages.common import Manifest
-    from stages.images import BadImage, iter_images, read_index
+    from stages.runtime.common import Manifest
+    from stages.runtime.images import BadImage, iter_images, read_index
 
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(sources, "TFDS_CHUNK_BATCHES", 1)  # 3 work units of one batch each
@@ -119,8 +119,8 @@ def test_missing_tfds_dataset_is_one_line_exit_2(workdir, tmp_path, extra, needl
 
 @pytest.mark.parametrize("param, mode, needle", [
     ("data_dir", "dns", "Could not resolve"),       # no DNS (a proxy host under .invalid never resolves)
-    ("data_dir", "refused", "did not answer within 4 s"),  # no route: the client retries until the deadline
-    ("data_dir", "hang", "did not answer within 4 s"),     # accepted, never answered
+    ("data_dir", "refused", "did not answer within 10 s"),  # no route: the client retries until the deadline
+    ("data_dir", "hang", "did not answer within 10 s"),     # accepted, never answered
     ("data_dir", "401", "check the credentials"),   # no credentials: no metadata server, anonymous refused
     ("data_dir", "403", "response code 403"),       # credentials without access
     ("data_dir", "404", "the bucket gs://dit-test-bucket does not exist"),
@@ -137,7 +137,7 @@ def test_unreachable_bucket_is_one_line_exit_2(workdir, tmp_path, param, mode, n
     args = [a for k, v in sets.items() if v for a in ("--set", f"data.{k}={v}")]
     try:
         proc = run_stage("data", workdir, "--set", "data.source=tfds", *args, check=False, timeout=120,
-                         env={**env(mode, tmp_path, fake), "DIT_REMOTE_TIMEOUT_S": "4"})
+                         env={**env(mode, tmp_path, fake), "DIT_REMOTE_TIMEOUT_S": "10"})
     finally:
         if fake:
             fake.close()

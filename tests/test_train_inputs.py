@@ -16,7 +16,7 @@ from test_train_sample import ONE, TRAIN, latents  # noqa: F401  (the module fix
 
 
 def records_of(wd, use_flips=False):
-    from stages.loader import check_shards, open_records
+    from stages.runtime.loader import check_shards, open_records
 
     m = json.loads((wd / "artifacts/latents/manifest.json").read_text())
     shards, counts = check_shards(wd / "artifacts/latents", m)
@@ -24,7 +24,7 @@ def records_of(wd, use_flips=False):
 
 
 def batches(records, rows, start=0, n=12, workers=0, batch=16):
-    from stages.loader import make_loader
+    from stages.runtime.loader import make_loader
 
     it = make_loader(records, batch, seed=2, rows=rows, start_step=start, only_unflipped=True,
                      num_workers=workers)
@@ -60,7 +60,7 @@ def with_shard(wd, records: list[bytes], fix_manifest=True):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from pipelines.encode import ARRAY_RECORD_OPTIONS
-    from stages.common import sha256_file
+    from stages.runtime.common import sha256_file
 
     mpath = wd / "artifacts/latents/manifest.json"
     m = json.loads(mpath.read_text())
@@ -77,7 +77,7 @@ def with_shard(wd, records: list[bytes], fix_manifest=True):
 
 
 def truncate(wd, fix_manifest):
-    from stages.common import sha256_file
+    from stages.runtime.common import sha256_file
 
     mpath = wd / "artifacts/latents/manifest.json"
     m = json.loads(mpath.read_text())
@@ -123,7 +123,7 @@ SETS = {"patch size the latents cannot take": ["--set", "train.patch_size=3"],
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_touches_no_checkpoint(latents, tmp_path, case):
-    from stages.common import sha256_tree
+    from stages.runtime.common import sha256_tree
 
     wd = tmp_path / "wd"
     shutil.copytree(latents, wd, ignore=shutil.ignore_patterns("checkpoints*", "samples", "logs"))
@@ -146,7 +146,7 @@ def test_a_bad_record_inside_a_batch_is_named(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from pipelines.records import ARRAY_RECORD_OPTIONS, encode_record
-    from stages.loader import BadShard, ReadRows, open_records
+    from stages.runtime.loader import BadShard, ReadRows, open_records
 
     good = [encode_record(np.zeros((8, 8, 4)), np.zeros((8, 8, 4)), 1, i, 0, f"k{i}") for i in range(8)]
     cases = {"corrupt": (b"\xc1\xc1 not msgpack", "cannot decode"),
@@ -187,7 +187,7 @@ def _batch_records(dtype="float32", n=6, version=2):
 @pytest.mark.parametrize("dtype,version", [("float16", 2), ("float32", 2), ("float32", 1)])
 def test_decode_batch_equals_decode_record_stacked(dtype, version):
     from pipelines.records import decode_record
-    from stages.loader import decode_batch
+    from stages.runtime.loader import decode_batch
 
     data = _batch_records(dtype, version=version)
     got = decode_batch(data)
@@ -203,7 +203,7 @@ def test_decode_batch_names_the_bad_record():
     from flax import serialization
 
     from pipelines import records
-    from stages.loader import BadRecord, decode_batch
+    from stages.runtime.loader import BadRecord, decode_batch
 
     good = _batch_records()
     other_shape = records.encode_record(np.zeros((2, 2, 4)), np.zeros((2, 2, 4)), 0, 0, 0, "k")

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from stages.train_log import NonFinite, TrainLog, peak_tflops
+from stages.runtime.chips import peak_tflops
+from stages.runtime.train_log import NonFinite, TrainLog
 
 
 def metrics(loss):

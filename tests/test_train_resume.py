@@ -120,22 +120,26 @@ def test_raising_steps_continues_a_finished_run(latents, straight, tmp_path):
 
 
 def test_a_changed_fingerprint_moves_the_run_aside_and_starts_fresh(straight, tmp_path):
-    """Another lr, and (as after a `git pull` that changed the model) a run.json naming other bytes of a
-    file that computes the weights: the finished run is moved aside, both named, never resumed or kept."""
-    from stages.checkpoint import fingerprint
+    """Another lr, and (as after a `git pull` that changed the model) a run.json naming another step program
+    and other bytes of dit/models.py: the finished run is moved aside, both named with the file that changed
+    since, never resumed or kept."""
+    from stages.runtime.checkpoint import fingerprint
 
     wd = tmp_path / "wd"
     shutil.copytree(straight, wd)
     old = manifest(wd)
     run = json.loads((wd / "artifacts/checkpoints/run.json").read_text())
-    assert set(run["identity"]["code"]) >= {"dit/models.py", "stages/train.py", "stages/loader.py"}
-    run["identity"]["code"]["dit/models.py"] = "0" * 64  # what older code's run.json would hold
+    assert set(run["identity"]["program_sha256"]) == {"init", "step"} and len(run["identity"]["data_sha256"]) == 64
+    assert {"dit/models.py", "stages/train.py", "stages/runtime/loader.py"} <= set(run["sources"])
+    run["identity"]["program_sha256"]["step"] = "0" * 64  # what older code's run.json would hold
+    run["sources"]["dit/models.py"] = "0" * 64
     run["fingerprint"] = fingerprint(run["identity"])
     (wd / "artifacts/checkpoints/run.json").write_text(json.dumps(run))
     proc = run_stage("train", wd, *RUN, "--set", "train.steps=3", "--set", "train.lr=0.002", env=ONE)
     said = [l for l in proc.stdout.splitlines() if "moved to" in l]
     assert len(said) == 1 and "train.lr 0.001 -> 0.002" in said[0], proc.stdout
-    assert "code.dit/models.py '000000000000' -> " in said[0] and "nothing to do" not in proc.stdout
+    assert "program_sha256.step '000000000000' -> " in said[0] and "changed since: dit/models.py" in said[0]
+    assert "nothing to do" not in proc.stdout
     aside = list((wd / "artifacts/checkpoints.aside").iterdir())
     assert len(aside) == 1 and json.loads((aside[0] / "manifest.json").read_text()) == old
     assert (aside[0] / "train.jsonl").is_file()
@@ -145,20 +149,21 @@ def test_a_changed_fingerprint_moves_the_run_aside_and_starts_fresh(straight, tm
 
 
 def test_a_checkpoint_of_another_model_config_is_refused_untouched(straight, tmp_path):
-    """A folder whose run.json claims this run but whose weights are another model's: exit 2."""
-    from stages.checkpoint import fingerprint
-    from stages.common import sha256_tree
+    """A folder whose run.json claims this run (the run.json a real hidden_size=48 run wrote) but whose
+    weights are another model's: exit 2, nothing touched."""
+    from stages.runtime.common import sha256_tree
 
+    other = tmp_path / "other"
+    shutil.copytree(straight, other)
+    shutil.rmtree(other / "artifacts/checkpoints")
+    run_stage("train", other, *RUN, "--set", "train.hidden_size=48", "--set", "train.steps=1", env=ONE)
     wd = tmp_path / "wd"
     shutil.copytree(straight, wd)
     ckpt = wd / "artifacts/checkpoints"
-    run = json.loads((ckpt / "run.json").read_text())
-    run["identity"]["train"]["hidden_size"] = 48
-    run["fingerprint"] = fingerprint(run["identity"])
-    (ckpt / "run.json").write_text(json.dumps(run))
+    shutil.copy(other / "artifacts/checkpoints/run.json", ckpt / "run.json")
     before = sha256_tree(ckpt)
     proc = run_stage("train", wd, *RUN, "--set", "train.hidden_size=48", env=ONE, check=False)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()[-1]) < 400
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()[-1]) < 400, proc.stderr[-2000:]
     assert "orbax/120" in proc.stderr and "another model config" in proc.stderr
     assert "checkpoint has (192,)" in proc.stderr and "needs (288,)" in proc.stderr, proc.stderr
     assert sha256_tree(ckpt) == before

@@ -199,7 +199,7 @@ def test_fine_tunes_from_a_released_checkpoint(latents, trained, tmp_path):
     an input of the run (fingerprint and manifest); one of another size is refused naming a key."""
     torch = pytest.importorskip("torch")
     from dit.models import dit_config
-    from stages.common import sha256_file
+    from stages.runtime.common import sha256_file
     from test_parity_diffusers import random_official_state_dict
 
     def write(path, hidden):

@@ -328,8 +328,8 @@ def test_narrow_conv_is_nn_conv():
 
 def test_iter_images_reads_only_the_positions_asked_for(tmp_path, monkeypatch):
     """yardsticks keeps N evenly spaced images: only those are read and decoded, not the whole index."""
-    from stages import images as images_mod
-    from stages.images import iter_images, read_index
+    from stages.runtime import images as images_mod
+    from stages.runtime.images import iter_images, read_index
 
     write_data(tmp_path)
     index = read_index(tmp_path / "artifacts/data")

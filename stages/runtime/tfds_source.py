@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from stages.common import fail
+from stages.runtime.common import fail
 
 
 def check_paths(data_dir: str | None, manual_dir: str | None) -> None:
@@ -15,6 +15,9 @@ def check_paths(data_dir: str | None, manual_dir: str | None) -> None:
     from pipelines import storage
     from pipelines.sources import tfds_path_exists
 
+    if any(storage.scheme(str(p)) not in ("", "file") for p in (data_dir, manual_dir) if p):
+        import tensorflow  # noqa: F401  (the client loads before the deadline starts: seconds on a busy CPU)
+        from etils import epath  # noqa: F401
     for param, path in (("data.data_dir", data_dir), ("data.manual_dir", manual_dir)):
         if path:
             try:

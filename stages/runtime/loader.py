@@ -199,6 +199,24 @@ def host_dataset(records: Records, global_batch: int, seed: int, rows: tuple[int
     return GlobalBatches(len(records.used), seed, global_batch).map(ReadRows(records, rows, only_unflipped))
 
 
+def order_sha256(records: Records, global_batch: int, seed: int, only_unflipped: bool) -> str:
+    """sha256 of what the loader feeds the step, for the run fingerprint: the record numbers of global
+    batches 0 and 1 and of the two at the first epoch boundary (the order, the per-epoch reshuffle), and
+    the arrays of global batch 0 as the step receives them, every host's rows (the decoding). The same
+    on any number of hosts; a change to the order or the decoding changes it, a refactor does not."""
+    import hashlib
+
+    batches = GlobalBatches(len(records.used), seed, global_batch)
+    boundary = len(records.used) // global_batch
+    h = hashlib.sha256()
+    for step in sorted({0, 1, boundary, boundary + 1}):
+        h.update(records.used[batches[step]].tobytes())
+    first = ReadRows(records, (0, global_batch), only_unflipped).map(batches[0])
+    for k in ("mean", "logvar", "label"):
+        h.update(f"{k}|{first[k].dtype.str}|{first[k].shape}".encode() + first[k].tobytes())
+    return h.hexdigest()
+
+
 # One thread reading a few batches ahead of the step, in order. Grain's default (16 threads, 500 batches
 # ahead) spent 2.3x the CPU per batch here (3.1 against 1.35 ms for 64 records of 8x8x4: its threads contend
 # for the GIL), CPU taken from the trainer's devices, and would hold 500 batches in memory (4 GB at batch 256
@@ -223,7 +241,7 @@ def check_shards(latents_dir: Path, manifest: dict) -> tuple[list[Path], list[in
     """Every shard the encode manifest lists: present, the bytes it recorded (a truncated or corrupted
     shard differs), as many records, and a first record of the expected schema and latent shape. Run
     before the first step, so bad input stops the job before any checkpoint is touched."""
-    from stages.common import sha256_file
+    from stages.runtime.common import sha256_file
 
     shards, counts = [], []
     shape = tuple(manifest["latent_shape"])

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class StageError(Exception):
@@ -245,11 +245,13 @@ def load_inception(evaluate: dict, manifest: "Manifest"):
     (reference, yardsticks, curves and evaluate must all use the same one). Its weights file is recorded
     as the manifest's input "inception", so the audit rehashes it (a replaced graph or TorchScript file is
     named, whether or not DVC tracks it). `evaluate.batch_size` is checked here, before any stage uses it."""
+    from dit.backend import conv_compiler_options
     from metrics.inception import InceptionV3
 
     check_inception_batch(evaluate)
     try:
-        inception = InceptionV3.load(evaluate["inception_source"], evaluate["inception_path"])
+        inception = InceptionV3.load(evaluate["inception_source"], evaluate["inception_path"],
+                                     compiler_options=conv_compiler_options())
     except (FileNotFoundError, ValueError) as e:
         fail(f"evaluate.inception_source/inception_path: {e}")
     manifest.add_input("inception", inception.path)
@@ -301,6 +303,22 @@ def tree_sha256(tree) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype.str}|{arr.shape}\n".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def program_sha256(lowered) -> str:
+    """sha256 of a lowered JAX program's StableHLO, as a fingerprint of what the program computes.
+
+    Unlike the bytes of the source files, this stays the same through a refactor, a moved helper or a comment:
+    the text carries no source locations, and its function symbols (named after Python functions: @jit_train_step,
+    @_attention_core, @closed_call_3) are replaced by their order of first appearance. It changes with the
+    computation: the model, the loss, the optimizer and its constants, the dtypes and shapes, the seeds
+    closed over, and the version of JAX that lowered it (which may lower the same code differently)."""
+    import re
+
+    names: dict[str, str] = {}
+    text = re.sub(r"@[\w.$-]+", lambda m: names.setdefault(m.group(0), f"@f{len(names)}"),
+                  lowered.as_text(debug_info=False))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def code_version() -> dict:

@@ -28,32 +28,6 @@ FIELDS = ("loss", "mse", "vb", "grad_norm")
 # logs/train.tsv repeats the lines for `dvc plots` (which reads JSON, YAML, CSV and TSV but not JSONL)
 PLOT_COLUMNS = ("step", *FIELDS, "img_per_s", "mfu")
 
-# Dense peak TFLOP/s per JAX device: (bfloat16, float32). float32 matmuls run at XLA's default precision:
-# bf16 passes on TPU, TF32 on A100/H100, so those are the rates a float32 run can reach.
-PEAKS = [  # matched in order against jax.Device.device_kind
-    ("TPU v3", (61.5, 61.5)),  # 123 per chip, and each of its 2 TensorCores is a device
-    ("TPU v4", (275.0, 275.0)),
-    ("TPU v5 lite", (197.0, 197.0)),  # v5e
-    ("TPU v5e", (197.0, 197.0)),
-    ("TPU v5", (459.0, 459.0)),  # v5p
-    ("TPU v6 lite", (918.0, 918.0)),  # Trillium
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100", (989.0, 494.5)),  # SXM
-    ("H200", (989.0, 494.5)),
-    ("A100", (312.0, 156.0)),
-]
-
-
-def peak_tflops(device_kind: str, dtype: str, override: float | None) -> float | None:
-    """Per-device peak for MFU; None (MFU not reported) for an unknown device such as a CPU."""
-    if override:
-        return float(override)
-    for name, (bf16, fp32) in PEAKS:
-        if name in device_kind:
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
-
-
 class NonFinite(Exception):
     def __init__(self, step: int, values: dict):
         self.step, self.values = step, values

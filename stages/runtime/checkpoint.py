@@ -8,12 +8,15 @@
       model.json, manifest.json   written last, when the run completes; the manifest is the commit mark
 
 A checkpoint folder is resumed only when its fingerprint matches: the latents' hash, the root seed, every
-train.* param except RESULT_NEUTRAL, and the bytes of RESULT_CODE (the code that computes the weights: a
-run resumed across a change to it would end with weights neither version gives). Otherwise it is moved
-aside whole (never mixed in) and the run starts fresh. What dead trainers left beside the folder
-(.checkpoints.tmp-<pid>, .old-<pid>) is removed by common.remove_debris; Orbax removes its own tmp steps.
-No RNG or data-iterator state is saved: the step key is fold_in(key, step) and the data position is the
-step (stages/loader.py).
+train.* param except RESULT_NEUTRAL, and what the code computes, as content rather than as file bytes: the
+lowered programs of the init and the step (train_step.TrainSetup.program_sha256) and what the loader feeds
+them (loader.order_sha256). So a refactor, a comment or a moved file resumes the run, and a changed loss,
+model, optimizer or batch order starts it fresh (a run resumed across such a change would end with weights
+neither version gives). A folder of another fingerprint is moved aside whole (never mixed in), with a line
+that says what differs, and the source files changed since it started when the programs differ.
+What dead trainers left beside the folder (.checkpoints.tmp-<pid>, .old-<pid>) is removed by
+common.remove_debris; Orbax removes its own tmp steps. No RNG or data-iterator state is saved: the step key
+is fold_in(key, step) and the data position is the step (stages/runtime/loader.py).
 """
 
 from __future__ import annotations
@@ -22,39 +25,47 @@ import hashlib
 import json
 from pathlib import Path
 
-from stages.common import ROOT
+from stages.runtime.common import ROOT
 
 KEEP_LAST = 3
-FORMAT = 2  # bump when the layout or the meaning of a step changes: old folders are then moved aside
+FORMAT = 3  # bump when the layout or the meaning of a step changes: old folders are then moved aside
 # Params that do not change the trained weights: how long (a longer run continues a shorter one), how
 # often to log or save, how the data is read, and the mesh (a preempted job may resume on another slice;
 # only the order of floating-point sums across devices differs).
 RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "cpu_devices",
                   "peak_tflops")
-# The code whose change changes the trained weights (the step, the batch order and decoding, the model,
-# the diffusion loss): each file's sha256 is in the fingerprint, so a change names the file.
-RESULT_CODE = ("stages/train.py", "stages/loader.py", "pipelines/records.py", "dit/models.py", "dit/attention.py",
-               "dit/linear.py", "dit/diffusion.py")
+SOURCE_DIRS = ("stages", "dit", "pipelines")  # named when the programs differ (sources), not fingerprinted
 
 
 # ------------------------------------------------------------------------------------- the fingerprint
 
 
-def identity(latents_sha256: str, params: dict) -> dict:
+def identity(latents_sha256: str, params: dict, programs: dict, data_sha256: str) -> dict:
     """What a run's weights are a function of."""
     train = {k: v for k, v in sorted(params["train"].items()) if k not in RESULT_NEUTRAL}
-    code = {rel: hashlib.sha256((ROOT / rel).read_bytes()).hexdigest() for rel in RESULT_CODE}
     return {"format": FORMAT, "latents_sha256": latents_sha256, "seed": params["seed"], "train": train,
-            "code": code}
+            "program_sha256": programs, "data_sha256": data_sha256}
+
+
+def sources() -> dict:
+    """{path: sha256} of the project's Python files, kept in run.json beside the fingerprint (not in it) so a
+    run that must start fresh because its programs changed can say which files changed since it started."""
+    return {p.relative_to(ROOT).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in SOURCE_DIRS for p in sorted((ROOT / d).rglob("*.py"))}
+
+
+def changed_sources(old: dict | None) -> list[str]:
+    now = sources()
+    return sorted(k for k in set(old or {}) | set(now) if (old or {}).get(k) != now.get(k)) if old else []
 
 
 def fingerprint(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def differences(old: dict, new: dict) -> str:
-    """'train.lr 0.001 -> 0.002, code.dit/models.py '3f2a..' -> '9c1e..'' for the one line that says why a
-    run starts fresh (sha256s shortened to 12 hex digits)."""
+def differences(old: dict, new: dict, old_sources: dict | None = None) -> str:
+    """'train.lr 0.001 -> 0.002, program_sha256.step '3f2a..' -> '9c1e..' (changed since: dit/models.py)' for
+    the one line that says why a run starts fresh (sha256s shortened to 12 hex digits)."""
     short = lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v
     out = []
     for key in sorted(set(old) | set(new)):
@@ -64,6 +75,9 @@ def differences(old: dict, new: dict) -> str:
                     if a.get(k) != b.get(k)]
         elif a != b:
             out.append(f"{key} {short(a)!r} -> {short(b)!r}")
+    changed = changed_sources(old_sources) if old.get("program_sha256") != new.get("program_sha256") else []
+    if changed:
+        out.append(f"(changed since: {', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})")
     return ", ".join(out) or "fingerprint differs"
 
 
