@@ -14,7 +14,10 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
+    """A (data, fsdp) mesh. Devices are ordered by (process, id) first, so each host's devices are
+    consecutive and its rows of a batch sharded over both axes are one range, which the train stage's
+    loader reads (a TPU pod numbers its chips across hosts: host 0 of a v5e-256 holds ids 0, 1, 16, 17)."""
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
     n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"train.mesh.fsdp: {fsdp} does not divide the {n} devices")

@@ -187,7 +187,7 @@ def forward(params: dict, x: jax.Array) -> dict[str, jax.Array]:
 
 
 @functools.cache
-def _forward_for(mesh: Mesh, compiler_options: tuple):
+def programs(mesh: Mesh, compiler_options: tuple):
     """(resize, network), each mapped over the mesh's devices with shard_map: every device runs the
     single-device program on its own slice, so its compiled shapes are the per-device batch alone and a
     device's features do not depend on how many devices there are."""
@@ -268,7 +268,7 @@ class InceptionV3:
         per_device = max(1, int(batch_size))
         batch = per_device * self.mesh.devices.size
         sharding = NamedSharding(self.mesh, P("batch"))
-        prep, net = _forward_for(self.mesh, self.compiler_options)
+        prep, net = programs(self.mesh, self.compiler_options)
         outs, pending = [], None
         for start in range(0, len(images), batch):
             chunk = images[start:start + batch]

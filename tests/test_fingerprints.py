@@ -107,3 +107,37 @@ def test_the_data_order_hash_follows_the_order_and_the_decoding(latents):
         assert a != loader.order_sha256(records, 16, 2, True)
     finally:
         loader.decode_batch = real
+
+
+def test_remat_gives_the_same_bytes_and_keeps_the_fingerprint():
+    """train.remat (jax.checkpoint per block) recomputes the forward pass in the backward one: three train
+    steps give the same parameter bytes with it on and off, so it is result-neutral, like the mesh: the
+    run fingerprint ignores it (program_sha256 lowers the step without remat) and a run may turn it on to
+    fit a smaller slice and keep its checkpoints."""
+    import jax
+    import jax.numpy as jnp
+    import yaml
+
+    from dit.sharding import make_mesh
+    from stages.runtime.checkpoint import RESULT_NEUTRAL
+    from stages.runtime.train_step import build
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    got, programs, texts = {}, {}, {}
+    for remat in (False, True):
+        setup = build({**params["train"], "remat": remat, "depth": 2}, 0, (8, 8, 4), 10, 0.5, make_mesh(-1, 1))
+        assert setup.model.remat is remat
+        state, step, rng = setup.jit_init()(setup.init_key), setup.jit_step(), np.random.default_rng(0)
+        for s in range(3):
+            batch = {"mean": jnp.asarray(rng.normal(size=(64, 8, 8, 4)), jnp.float32),
+                     "logvar": jnp.asarray(rng.normal(size=(64, 8, 8, 4)) - 3, jnp.float32),
+                     "label": jnp.asarray(rng.integers(0, 10, 64), jnp.int32)}
+            state, _ = step(state, batch, s)
+        got[remat] = jax.device_get(state)
+        programs[remat] = setup.program_sha256()
+        texts[remat] = step.lower(setup.abstract_state, setup.abstract_batch(),
+                                  jax.ShapeDtypeStruct((), jnp.int32)).as_text()
+    assert texts[False] != texts[True]  # remat did make another program
+    for a, b in zip(jax.tree.leaves(got[False]), jax.tree.leaves(got[True])):
+        np.testing.assert_array_equal(a, b)
+    assert programs[False] == programs[True] and "remat" in RESULT_NEUTRAL

@@ -54,7 +54,7 @@ def check_params(cfg: dict) -> None:
                           ("class_dropout_prob", lambda v: 0 <= v < 1, "a number in [0, 1)")):
         if not (is_number(cfg[key]) and ok(cfg[key])):
             fail(f"train.{key}: expected {want}, got {cfg[key]!r}")
-    for key in ("learn_sigma", "use_flips"):
+    for key in ("learn_sigma", "use_flips", "remat"):
         if not isinstance(cfg[key], bool):
             fail(f"train.{key}: expected true or false, got {cfg[key]!r}")
     if not is_int(cfg["seed"], 0, 2 ** 32):
@@ -123,6 +123,7 @@ class TrainSetup:
     latent_shape: tuple
     init_key: Any
     step: Any  # the pure step (make_step)
+    step_of: Any  # model -> the pure step with that model (program_sha256 lowers it without remat)
     state_shard: dict
     x_shard: Any
     abstract_state: dict  # ShapeDtypeStructs carrying state_shard
@@ -162,16 +163,31 @@ class TrainSetup:
                 "label": jax.ShapeDtypeStruct((self.global_batch,), jnp.int32, **s)}
 
     def program_sha256(self) -> dict:
-        """{init, step}: program_sha256 of the init and of the step's new state, lowered with no shardings
-        (so the same on any mesh; the metrics' names and their reductions are left out)."""
+        """{init, step}: program_sha256 of the init and of the step's new state, lowered with no shardings and
+        no remat (so the same on any mesh, with remat or without; the metrics' names are left out)."""
         import jax
         import jax.numpy as jnp
 
+        from dit.models import DiT
+
         plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.abstract_state)
         init = jax.jit(self.init_state).lower(self.init_key)
-        step = jax.jit(lambda s, b, i: self.step(s, b, i)[0]).lower(
+        pure = self.step_of(DiT(self.config))  # remat changes where activations live, not the bytes (test)
+        step = jax.jit(lambda s, b, i: pure(s, b, i)[0]).lower(
             plain, self.abstract_batch(sharded=False), jax.ShapeDtypeStruct((), jnp.int32))
         return {"init": program_sha256(init), "step": program_sha256(step)}
+
+
+def host_rows(x_shard, global_batch: int, process_index: int) -> tuple[int, int]:
+    """Rows [lo, hi) of the global batch that process `process_index`'s devices hold under `x_shard`: the rows
+    the loader reads on that host. ValueError when they are not one contiguous range (a mesh whose batch axes
+    interleave hosts), which the loader could not read."""
+    index = x_shard.devices_indices_map((global_batch,))
+    rows = sorted({(s[0].start or 0, s[0].stop or global_batch) for d, s in index.items()
+                   if d.process_index == process_index})
+    if not rows or any(a[1] != b[0] for a, b in zip(rows, rows[1:])):
+        raise ValueError(f"process {process_index}'s rows of the global batch are not one range: {rows[:6]}")
+    return rows[0][0], rows[-1][1]
 
 
 def build(cfg: dict, seed: int, latent_shape, num_classes: int, scale: float, mesh) -> TrainSetup:
@@ -184,13 +200,14 @@ def build(cfg: dict, seed: int, latent_shape, num_classes: int, scale: float, me
     from dit.sharding import batch_sharding, tree_shardings
 
     config = model_config(cfg, latent_shape, num_classes)
-    model = DiT(config)
+    model = DiT(config, remat=cfg["remat"])
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=config.learn_sigma)
     tx = make_optimizer(cfg)
     root = jax.random.fold_in(jax.random.key(seed), cfg["seed"])
     init_key, train_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+    step_of = lambda m: make_step(m, diffusion, tx, scale, cfg["ema_decay"], train_key)  # noqa: E731
     setup = TrainSetup(config, model, diffusion, tx, mesh, cfg["global_batch_size"], tuple(latent_shape), init_key,
-                       make_step(model, diffusion, tx, scale, cfg["ema_decay"], train_key), {}, None, {})
+                       step_of(model), step_of, {}, None, {})
     abstract = jax.eval_shape(setup.init_state, init_key)
     p_shard = tree_shardings(mesh, abstract["params"])
     state_shard = {"params": p_shard, "ema": p_shard, "opt_state": tree_shardings(mesh, abstract["opt_state"])}
