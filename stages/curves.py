@@ -132,18 +132,20 @@ def main(argv: list[str]) -> None:
     manifest.add_input("reference", REFERENCE / "reference.npz")
     guided = sample_cfg["cfg_scale"] > 1.0
 
-    samplers, emas, results = {}, {}, []
+    samplers, results = {}, []
+    emas = {final: checkpoint.final_ema(CKPT, ckpt_manifest, config, mesh)[1]}  # never another step in its place
+    for step in sorted(set(kept) - {final}):  # a damaged kept EMA is left out of the curve, and listed
+        try:
+            emas[step] = checkpoint.restore_ema(checkpoint.kept_manager(CKPT), step, config, mesh)
+        except Exception as e:  # integrity.Damaged, or a read that fails
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            manifest.skip(f"{CKPT}/kept/{step}", f"does not restore ({type(e).__name__}: {reason})")
+            print(f"curves: {CKPT}/kept/{step} does not restore ({reason}); left out of the curve", flush=True)
+    points = [(s, sp) for s, sp in points if s in emas]
     t0 = time.time()
     bar = tqdm(total=len(points), unit="point", desc="curves", mininterval=2.0)
     with scratch_dir(OUT) as tmp:  # each point's samples, as npz for the ADM suite
         for step, spacing in points:
-            if step not in emas:
-                where = CKPT / ("orbax" if step == final else "kept")
-                mgr = checkpoint.manager(CKPT) if step == final else checkpoint.kept_manager(CKPT)
-                try:
-                    emas[step] = checkpoint.restore_ema(mgr, step, config, mesh)
-                except Exception as e:
-                    fail(f"{where}/{step}: cannot restore EMA weights ({type(e).__name__})")
             if spacing not in samplers:
                 samplers[spacing] = build_sampler(chunk_program(model, vae, diffusions[spacing], sample_cfg, scale,
                                                                 (h, h, config.in_channels)), mesh)
@@ -174,7 +176,7 @@ def main(argv: list[str]) -> None:
         "points": results,
         "reference_sha256": manifest.inputs["reference"],
         "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256}})
-    manifest.counts = {"points": len(results), "checkpoints": len(emas)}
+    manifest.counts = {"points": len(results), "checkpoints": len(emas), "skipped": len(manifest.skipped)}
     manifest.extra["curves_s"] = round(time.time() - t0, 3)
     manifest.write(OUT)
     print(f"curves: {len(by_step)} training points, {len(by_sampler)} sampler points "

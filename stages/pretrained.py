@@ -11,7 +11,8 @@ without its argparse args) read with torch.load(weights_only=True): no pickle co
 shape is checked against the config the flags name before anything is written; the released files
 carry no config, so a 512 px file given as --image-size 256 is refused naming `pos_embed` and both
 shapes. OUT_DIR gets, atomically (a failed run leaves the old folder or none):
-- orbax/0/ema: the weights as the Orbax item stages.runtime.checkpoint.restore_ema reads (step 0). No `state`
+- orbax/0/{ema,meta}: the weights as the Orbax item stages.runtime.checkpoint.restore_ema reads (step 0), and
+  their checksums (stages/runtime/integrity.py) in meta. No `state`
   item: a released file has no optimizer state, and sampling restores the EMA alone;
 - model.json: the keys the train stage writes (dit config, VAE scaling factor, classes, learn_sigma,
   diffusion steps, final_step 0);
@@ -82,6 +83,7 @@ def export(pt_path, out_dir, model_name: str | None, image_size: int, num_classe
 
     from dit.sharding import make_mesh
     from stages.runtime import checkpoint
+    from stages.runtime.integrity import checksums, sealed
 
     params = jax.tree.map(jax.numpy.asarray, params)
     ema_sha256 = tree_sha256(params)
@@ -92,7 +94,8 @@ def export(pt_path, out_dir, model_name: str | None, image_size: int, num_classe
     manifest.input_paths["source"] = {"path": info["source"], "exclude": []}
     with atomic_dir(Path(out_dir)) as tmp:
         mgr = checkpoint.manager(tmp, create=True)
-        mgr.save(0, args=ocp.args.Composite(ema=ocp.args.StandardSave(params)))
+        meta = sealed({"checksums": {"ema": checksums(params)}})  # as the trainer's steps carry them
+        mgr.save(0, args=ocp.args.Composite(ema=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
         mgr.wait_until_finished()
         mgr.close()
         restored = checkpoint.restore_ema(checkpoint.manager(tmp), 0, config, make_mesh(-1, 1))

@@ -84,19 +84,11 @@ def main(argv: list[str]) -> None:
     except OSError as e:
         fail(f"{WORK}: cannot write the sample work folder ({e.strerror})")
 
-    mgr = checkpoint.manager(CKPT)
-    step = mgr.latest_step()
-    if step is None:
-        fail(f"{CKPT}/orbax: no checkpoint; rerun the train stage")
     mesh = make_mesh(-1, 1)
-    try:
-        ema = checkpoint.restore_ema(mgr, step, config, mesh)
-    except Exception as e:  # a checkpoint without the `ema` item, or of another model
-        fail(f"{CKPT}/orbax step {step}: cannot restore EMA weights ({type(e).__name__}: "
-             f"{str(e).splitlines()[0][:200] if str(e) else ''})")
+    step, ema = checkpoint.final_ema(CKPT, ckpt_manifest, config, mesh)
     ema_hash = tree_sha256(ema)
-    if step == ckpt_manifest["final_step"] and ema_hash != ckpt_manifest["ema_sha256"]:
-        fail(f"{CKPT}: restored EMA weights hash {ema_hash[:12]} != manifest "
+    if ema_hash != ckpt_manifest["ema_sha256"]:
+        fail(f"{CKPT}/orbax/{step}: restored EMA weights hash {ema_hash[:12]} != the train manifest's "
              f"{ckpt_manifest['ema_sha256'][:12]}; the checkpoint was modified")
     try:
         vae_config, vae_params = vae_lib.load(str(VAE))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stages.runtime.common import (Manifest, fail, init_distributed, load_params, main_guard, read_manifest,
                                   remove_debris, tree_sha256, write_json)
-from stages.runtime.train_step import build, check_params
+from stages.runtime.train_step import build, check_params, host_rows
 
 LATENTS, CKPT, LOG = Path("artifacts/latents"), Path("artifacts/checkpoints"), Path("artifacts/logs/train.jsonl")
 
@@ -106,8 +106,10 @@ def main(argv: list[str]) -> None:
     scale = float(latents["scaling_factor"])
     setup = build(cfg, params["seed"], latents["latent_shape"], latents["num_classes"], scale, mesh)
     config, x_shard = setup.config, setup.x_shard
-    rows = sorted((s[0].start or 0, s[0].stop or B) for s in x_shard.addressable_devices_indices_map((B,)).values())
-    lo, hi = rows[0][0], rows[-1][1]  # this host's rows of the global batch (its devices' shards)
+    try:
+        lo, hi = host_rows(x_shard, B, jax.process_index())  # this host's rows of the global batch
+    except ValueError as e:
+        fail(f"train.mesh: {e}")
     only_unflipped = not cfg["use_flips"] and latents["flip"]
 
     # ----------------------------------------------------------------- resume or start (nothing written yet)
@@ -121,11 +123,14 @@ def main(argv: list[str]) -> None:
             fail(f"train.init_from: '{init_from}' does not exist")
         ident["init_from_sha256"] = manifest.add_input("init_from", init_from)
     fp = checkpoint.fingerprint(ident)
-    start, aside = resume_point(cfg, fp, ident)
-    if start:
-        diff = checkpoint.check_fits(CKPT, start, setup.abstract_state["params"])
-        if diff:
-            fail(f"{CKPT}/orbax/{start}: {diff}: a checkpoint folder from another model config; move it aside")
+    latest, aside = resume_point(cfg, fp, ident)
+    start, state, meta, damaged = 0, None, None, []
+    if latest:  # the newest step that restores and verifies; damaged ones are moved aside, named
+        start, state, meta, damaged = checkpoint.restore_newest(CKPT, [k for k in orbax_steps() if k <= latest],
+                                                                setup.abstract_state, fp)
+        if not start:
+            fail(f"{CKPT}/orbax: no step restores: all {len(damaged)} moved to {CKPT}.damaged/ with their reasons; "
+                 "the next run starts afresh, unless an intact copy of a step is put back first")
         done = read_manifest(CKPT) if (CKPT / "manifest.json").is_file() else {}
         if start == cfg["steps"] and done.get("final_step") == start and done.get("fingerprint") == fp:
             print(f"train: {CKPT} already holds the finished run at step {start}; nothing to do")
@@ -153,13 +158,6 @@ def main(argv: list[str]) -> None:
     mgr, kept = checkpoint.writers(CKPT, cfg["keep_every"])
     window = None
     if start:
-        try:
-            state, meta = checkpoint.restore(mgr, start, setup.abstract_state)
-        except Exception as e:  # a tree Orbax cannot map onto this run's state
-            fail(f"{CKPT}/orbax/{start}: cannot restore into this run's state ({type(e).__name__}: "
-                 f"{str(e).splitlines()[0] if str(e) else ''}); move the folder aside")
-        if meta.get("fingerprint") != fp:
-            fail(f"{CKPT}/orbax/{start}: its fingerprint differs from run.json's; move the folder aside")
         window = meta["window"]
         print(f"train: resuming from step {start} of {cfg['steps']}")
     elif params0 is not None:
@@ -188,7 +186,7 @@ def main(argv: list[str]) -> None:
                 mgr.wait_until_finished()
                 if step not in mgr.all_steps():  # the signal may come right after a regular save of step
                     with log.paused():
-                        checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window})
+                        checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window}, CKPT)
                     mgr.wait_until_finished()
                 print(f"train: stopped by {stop.name} at step {step}; checkpoint saved, rerun to continue",
                       file=sys.stderr)
@@ -208,7 +206,7 @@ def main(argv: list[str]) -> None:
                 log.flush()  # a state is saved only once its loss was seen finite
                 with log.paused():
                     checkpoint.save(mgr, kept if keep else None, step, state,
-                                    {"fingerprint": fp, "window": log.window})
+                                    {"fingerprint": fp, "window": log.window}, CKPT)
     except NonFinite as e:
         mgr.wait_until_finished()
         fail(f"train: non-finite loss at step {e.step} ({', '.join(f'{k} {v:.4g}' for k, v in e.values.items())}); "
@@ -236,6 +234,7 @@ def main(argv: list[str]) -> None:
         manifest.extra.update({
             "ema_sha256": ema_sha256, "final_step": cfg["steps"], "resumed_from_step": start,
             "fingerprint": fp, "kept_ema_steps": kept.all_steps() if kept is not None else [],
+            "damaged_steps": damaged,
             "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh.shape),
             "compile_s": round(log.compile_s, 3) if log.compile_s is not None else None,
             "steady_img_per_s": round(steady, 2) if steady else None, "mfu": log.mfu(steady),

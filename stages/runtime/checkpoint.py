@@ -32,8 +32,9 @@ FORMAT = 3  # bump when the layout or the meaning of a step changes: old folders
 # Params that do not change the trained weights: how long (a longer run continues a shorter one), how
 # often to log or save, how the data is read, and the mesh (a preempted job may resume on another slice;
 # only the order of floating-point sums across devices differs).
+# remat recomputes activations in the backward pass with the same bytes (tests/test_fingerprints.py).
 RESULT_NEUTRAL = ("steps", "log_every", "ckpt_every", "keep_every", "num_workers", "mesh", "cpu_devices",
-                  "peak_tflops")
+                  "peak_tflops", "remat")
 SOURCE_DIRS = ("stages", "dit", "pipelines")  # named when the programs differ (sources), not fingerprinted
 
 
@@ -136,17 +137,142 @@ def writers(ckpt_dir: Path, keep_every: int | None):
     return rolling, kept
 
 
-def save(mgr, kept, step: int, state: dict, meta: dict) -> None:
-    """Save step's full state (and its EMA in `kept`, when given). The trainer decides when (every
-    train.ckpt_every steps, the last step, a stop signal), so Orbax's own interval policy is not used."""
+def save(mgr, kept, step: int, state: dict, meta: dict, ckpt_dir: Path) -> None:
+    """Save step's full state (and its EMA in `kept`, when given), with the arrays' checksums in the step's
+    meta item (integrity.checksums: per leaf, summed over every process's shards, nothing gathered). The
+    trainer decides when (every train.ckpt_every steps, the last step, a stop signal), so Orbax's own
+    interval policy is not used. A kept EMA already there (retraining re-reached its step) is verified
+    against this one instead of saved again."""
     import orbax.checkpoint as ocp
 
+    from stages.runtime.integrity import checksums, sealed
+
+    sums = {"ema": checksums(state["ema"]),
+            "state": checksums({"params": state["params"], "opt_state": state["opt_state"]})}
     if kept is not None:
-        kept.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(state["ema"])), force=True)
+        save_kept(kept, step, state["ema"], sums["ema"], ckpt_dir)
     mgr.save(step, args=ocp.args.Composite(
         ema=ocp.args.StandardSave(state["ema"]),
         state=ocp.args.StandardSave({"params": state["params"], "opt_state": state["opt_state"]}),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(sealed({**meta, "checksums": sums}))), force=True)
+
+
+def save_kept(kept, step: int, ema, ema_sums: dict, ckpt_dir: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    from stages.runtime.integrity import sealed
+
+    if step in kept.all_steps():
+        kept.wait_until_finished()
+        try:
+            _, meta = read_ema(kept, step, _abstract(ema))
+            if meta["checksums"]["ema"] == ema_sums:
+                return  # the same EMA: nothing to save
+            reason = "its EMA differs from the one retraining recomputed"
+        except Exception as e:  # Damaged, or unreadable
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+        dest = move_damaged(ckpt_dir, "kept", step, reason)
+        print(f"train: {Path(ckpt_dir) / 'kept' / str(step)}: {reason}; moved to {dest}, saving it again")
+        kept.reload()
+    kept.save(step, args=ocp.args.Composite(ema=ocp.args.StandardSave(ema),
+                                            meta=ocp.args.JsonSave(sealed({"checksums": {"ema": ema_sums}}))),
+              force=True)
+
+
+def _abstract(tree):
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def move_damaged(ckpt_dir: Path, sub: str, step: int, reason: str) -> Path | None:
+    """Move `<ckpt_dir>/<sub>/<step>` (a step that does not restore or verify) to
+    `<ckpt_dir>.damaged/<sub>-<step>[-n]/`, outside the DVC output (so `dvc push` does not upload it), with
+    the reason beside it: kept for inspection, never deleted. Process 0 moves; returns where to (None on
+    other processes)."""
+    import jax
+
+    if jax.process_index() != 0:
+        return None
+    src = Path(ckpt_dir) / sub / str(step)
+    base = Path(ckpt_dir).with_name(Path(ckpt_dir).name + ".damaged") / f"{sub}-{step}"
+    dest, n = base, 1
+    while dest.exists():
+        n += 1
+        dest = base.with_name(f"{base.name}-{n}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+    (dest.parent / f"{dest.name}.reason.txt").write_text(reason + "\n")
+    return dest
+
+
+def agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective on several)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
+def restore_newest(ckpt_dir: Path, steps: list[int], abstract_state: dict, fp: str) -> tuple:
+    """(step, state, meta, damaged) of the newest of `steps` that restores and verifies (checksums, meta
+    hash, fingerprint). Each step that does not is moved aside (move_damaged) and listed in `damaged` as
+    {step, reason, moved_to}; (0, None, None, damaged) when none does. A step whose parameter tree is
+    another model's is not damage: that raises StageError (one line naming the step and the leaf)."""
+    from stages.runtime.common import fail
+    from stages.runtime.integrity import Damaged, verify
+
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        mgr = manager(ckpt_dir)
+        where = Path(ckpt_dir) / "orbax" / str(step)
+        try:
+            diff = check_fits(ckpt_dir, step, abstract_state["params"])
+        except Exception as e:  # unreadable array metadata
+            diff, reason = None, f"cannot read its metadata ({type(e).__name__}: {_first_line(e)})"
+        else:
+            reason = None
+        if diff:
+            fail(f"{where}: {diff}: a checkpoint folder from another model config; move it aside")
+        state = meta = None
+        if reason is None:
+            try:
+                state, meta = restore(mgr, step, abstract_state)
+                if meta.get("fingerprint") != fp:
+                    raise Damaged("its fingerprint differs from run.json's")
+                verify(meta, {"ema": state["ema"], "state": {"params": state["params"],
+                                                             "opt_state": state["opt_state"]}})
+            except Exception as e:  # Damaged, or a read TensorStore / Orbax refuses
+                reason = _first_line(e) if isinstance(e, Damaged) else f"{type(e).__name__}: {_first_line(e)}"
+        if agree(reason is None):
+            return step, state, meta, damaged
+        reason = reason or "another process could not restore it"
+        dest = move_damaged(ckpt_dir, "orbax", step, reason)
+        agree(True)  # every process waits for the move
+        print(f"train: {where} does not restore ({reason}); moved to {dest}, trying the step before", flush=True)
+        damaged.append({"step": step, "reason": reason, "moved_to": str(dest) if dest else None})
+    return 0, None, None, damaged
+
+
+def read_ema(mgr, step: int, abstract_ema) -> tuple:
+    """(EMA, meta) of `step` (a rolling or a kept step), verified against the checksums its meta recorded
+    (integrity.Damaged when they differ)."""
+    import orbax.checkpoint as ocp
+
+    from stages.runtime.integrity import verify
+
+    got = mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract_ema),
+                                                    meta=ocp.args.JsonRestore()))
+    verify(got["meta"], {"ema": got["ema"]})
+    return got["ema"], got["meta"]
 
 
 def check_fits(ckpt_dir: Path, step: int, abstract_params) -> str | None:
@@ -160,6 +286,10 @@ def check_fits(ckpt_dir: Path, step: int, abstract_params) -> str | None:
     meta = ocp.StandardCheckpointer().metadata(path)
     have = {jax.tree_util.keystr(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0]}
+    if not have:  # Orbax reads unreadable item metadata as nothing (with a warning): damage, not a config
+        from stages.runtime.integrity import Damaged
+
+        raise Damaged("its EMA item's metadata is missing or unreadable")
     want = {jax.tree_util.keystr(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     for k in sorted(set(want) | set(have)):
@@ -183,13 +313,30 @@ def restore(mgr, step: int, abstract_state: dict) -> tuple[dict, dict]:
 
 
 def restore_ema(mgr, step: int, config, mesh):
-    """The EMA weights of `step`, replicated on the reader's own mesh (sample, audit)."""
+    """The EMA weights of `step`, replicated on the reader's own mesh (sample, curves, audit), verified
+    against the checksums saved with them (integrity.Damaged when not)."""
     import jax
-    import orbax.checkpoint as ocp
 
     from dit.models import init_params
     from dit.sharding import replicated_abstract
 
     abstract = replicated_abstract(mesh, jax.eval_shape(lambda k: init_params(config, k),
                                                         jax.random.key(0)))
-    return mgr.restore(step, args=ocp.args.Composite(ema=ocp.args.StandardRestore(abstract)))["ema"]
+    return read_ema(mgr, step, abstract)[0]
+
+
+def final_ema(ckpt_dir: Path, train_manifest: dict, config, mesh) -> tuple:
+    """(step, EMA) of the step the train manifest names, for sample, curves and the audit: never another
+    step in its place. A step that is missing or does not restore and verify is one line naming it."""
+    from stages.runtime.common import fail
+
+    step = int(train_manifest["final_step"])
+    where = Path(ckpt_dir) / "orbax" / str(step)
+    if not where.is_dir():
+        fail(f"{where}: the step the train manifest names is missing (moved aside as damaged?); rerun the "
+             "train stage")
+    try:
+        return step, restore_ema(manager(ckpt_dir), step, config, mesh)
+    except Exception as e:  # integrity.Damaged, a read TensorStore refuses, another model's tree
+        fail(f"{where}: cannot restore its EMA weights ({type(e).__name__}: {_first_line(e)}); rerun the train "
+             "stage, which resumes from the newest intact step")
