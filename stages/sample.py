@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.runtime.common import (Manifest, atomic_dir, fail, init_distributed, is_int, load_params, main_guard,
-                                  read_manifest, sha256_file, tree_sha256)
+from stages.runtime.common import (Manifest, atomic_dir, disk_full, fail, init_distributed, is_int, load_params,
+                                  lost_peer, main_guard, read_manifest, sha256_file, tree_sha256)
 from stages.runtime.sample_chunks import ChunkStore, merge, num_chunks, plan
 from stages.runtime.sampler import (build_sampler, check_params, chunk_inputs_sha256, chunk_program, chunk_sha256,
                                     cost, fingerprint, run_sampler)
@@ -136,21 +136,26 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     bar = tqdm(total=len(pending) * per_device, unit="img", desc="sample", disable=not primary,
                mininterval=2.0)
-    for chunk_ids in steps:
-        # dummy chunks pad the last step; their indices lie past every real chunk and are thrown away
-        ids = [k if k is not None else total + j for j, k in enumerate(chunk_ids)]
-        idx = np.concatenate([np.arange(k * per_device, (k + 1) * per_device) for k in ids])
-        out, labels = run_sampler(sampler, ema, vae_params, root, cfg, idx, shard, config.num_classes)
-        for s in out.addressable_shards:  # this host's devices' chunks only
-            pos = (s.index[0].start or 0) // per_device
-            if chunk_ids[pos] is not None:
-                lo = pos * per_device
-                store.write(chunk_ids[pos], np.asarray(s.data), labels[lo:lo + per_device])
-        bar.update(sum(k is not None for k in chunk_ids) * per_device)
-    bar.close()
-    computed_s = time.time() - t0
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("sample chunks written")
+    try:
+        for chunk_ids in steps:
+            # dummy chunks pad the last step; their indices lie past every real chunk and are thrown away
+            ids = [k if k is not None else total + j for j, k in enumerate(chunk_ids)]
+            idx = np.concatenate([np.arange(k * per_device, (k + 1) * per_device) for k in ids])
+            out, labels = run_sampler(sampler, ema, vae_params, root, cfg, idx, shard, config.num_classes)
+            for s in out.addressable_shards:  # this host's devices' chunks only
+                pos = (s.index[0].start or 0) // per_device
+                if chunk_ids[pos] is not None:
+                    lo = pos * per_device
+                    store.write(chunk_ids[pos], np.asarray(s.data), labels[lo:lo + per_device])
+            bar.update(sum(k is not None for k in chunk_ids) * per_device)
+        bar.close()
+        computed_s = time.time() - t0
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sample chunks written")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1 or disk_full(e):
+            raise
+        lost_peer("sample", e, f"the finished chunks in {WORK} are reused")
 
     if primary:
         grid_images, grid_labels, shown = [], [], np.zeros(config.num_classes, int)

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from stages.runtime.common import (Manifest, fail, init_distributed, load_params, main_guard, read_manifest,
-                                  remove_debris, tree_sha256, write_json)
+from stages.runtime.common import (Manifest, disk_full, fail, init_distributed, load_params, lost_peer, main_guard,
+                                  read_manifest, remove_debris, tree_sha256, write_json)
 from stages.runtime.train_step import build, check_params, host_rows
 
 LATENTS, CKPT, LOG = Path("artifacts/latents"), Path("artifacts/checkpoints"), Path("artifacts/logs/train.jsonl")
@@ -57,6 +57,34 @@ def resume_point(cfg: dict, fp: str, ident: dict) -> tuple[int, str | None]:
         fail(f"train.steps: {cfg['steps']} is below step {k} already in {CKPT}/orbax; raise train.steps "
              f"or move the folder aside")
     return k, None
+
+
+def room_for_save(mgr, kept, step: int, abstract_state: dict) -> None:
+    """Before a save: the previous one finished without error (an asynchronous save that failed, say on a full
+    disk, is named here, before another is started), and the disk has room for one more step of the size
+    the last one took (and its kept EMA); when it has not, every host stops with the last complete checkpoint
+    intact, saving nothing."""
+    import jax
+
+    from stages.runtime import checkpoint
+
+    for m in (mgr, kept):
+        if m is not None:
+            m.wait_until_finished()
+            m.check_for_errors()
+    ok = True
+    if jax.process_index() == 0 and os.environ.get("DIT_SPACE_CHECK", "1") != "0":
+        last = mgr.latest_step()
+        need = (checkpoint.folder_bytes(CKPT / "orbax" / str(last)) if last is not None
+                else checkpoint.tree_bytes(abstract_state))
+        need += checkpoint.tree_bytes(abstract_state["ema"]) if kept is not None else 0
+        free = checkpoint.free_bytes(CKPT)
+        ok = free >= need
+    if not checkpoint.agree(ok):
+        fail(f"{CKPT}: no room for the checkpoint of step {step} (it needs about {checkpoint.gib(need)}, "
+             f"{checkpoint.gib(free)} are free); stopped with the last complete one intact (step "
+             f"{mgr.latest_step()}): free space and rerun to continue from it" if not ok else
+             f"{CKPT}: process 0 found no room for the checkpoint of step {step}; stopped")
 
 
 def orbax_steps() -> list[int]:
@@ -155,6 +183,13 @@ def main(argv: list[str]) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("train: checkpoint folder ready")
 
+    if primary and os.environ.get("DIT_SPACE_CHECK", "1") != "0":  # refuse a run whose checkpoints cannot fit
+        need, (n_full, full), (n_kept, ema) = checkpoint.space_needed(CKPT, setup.abstract_state, start,
+                                                                      cfg["steps"], cfg["keep_every"])
+        if need > (free := checkpoint.free_bytes(CKPT)):
+            fail(f"{CKPT}: the run's checkpoints need {checkpoint.gib(need)} more ({n_full} full states of "
+                 f"{checkpoint.gib(full)}, {n_kept} kept EMAs of {checkpoint.gib(ema)}), {checkpoint.gib(free)} "
+                 "are free; free space, raise train.keep_every or move the checkpoints to a larger disk")
     mgr, kept = checkpoint.writers(CKPT, cfg["keep_every"])
     window = None
     if start:
@@ -186,6 +221,7 @@ def main(argv: list[str]) -> None:
                 mgr.wait_until_finished()
                 if step not in mgr.all_steps():  # the signal may come right after a regular save of step
                     with log.paused():
+                        room_for_save(mgr, None, step, setup.abstract_state)
                         checkpoint.save(mgr, None, step, state, {"fingerprint": fp, "window": log.window}, CKPT)
                     mgr.wait_until_finished()
                 print(f"train: stopped by {stop.name} at step {step}; checkpoint saved, rerun to continue",
@@ -205,8 +241,13 @@ def main(argv: list[str]) -> None:
             if step == cfg["steps"] or step % cfg["ckpt_every"] == 0 or keep:
                 log.flush()  # a state is saved only once its loss was seen finite
                 with log.paused():
+                    room_for_save(mgr, kept if keep else None, step, setup.abstract_state)
                     checkpoint.save(mgr, kept if keep else None, step, state,
                                     {"fingerprint": fp, "window": log.window}, CKPT)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1 or disk_full(e):
+            raise
+        lost_peer("train", e, f"the run resumes from its last complete checkpoint ({CKPT}/orbax)")
     except NonFinite as e:
         mgr.wait_until_finished()
         fail(f"train: non-finite loss at step {e.step} ({', '.join(f'{k} {v:.4g}' for k, v in e.values.items())}); "

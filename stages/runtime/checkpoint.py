@@ -108,6 +108,47 @@ def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------------------------- disk space
+
+
+def tree_bytes(tree) -> int:
+    import math
+
+    import jax
+
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else 0
+
+
+def free_bytes(path: Path) -> int:
+    import shutil
+
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def space_needed(ckpt_dir: Path, abstract_state: dict, start: int, steps: int, keep_every: int | None) -> tuple:
+    """(bytes the run's checkpoints still need, what of it is rolling states, kept EMAs). Orbax writes a new
+    rolling step before it deletes the oldest, so KEEP_LAST + 1 full states coexist; every keep_every-th step
+    still to come adds an EMA kept for good. Sizes are the arrays' raw bytes (Orbax stores them about as
+    is); the whole checkpoint is assumed to sit on one filesystem (a shared one, or one host's)."""
+    full, ema = tree_bytes(abstract_state), tree_bytes(abstract_state["ema"])
+    on_disk = sum(folder_bytes(p) for p in (Path(ckpt_dir) / "orbax").glob("[0-9]*"))
+    rolling = max(0, (KEEP_LAST + 1) * full - on_disk)
+    have = {int(p.name) for p in (Path(ckpt_dir) / "kept").glob("[0-9]*")}
+    future = [s for s in range(start + 1, steps + 1) if keep_every and s % keep_every == 0 and s not in have]
+    return rolling + len(future) * ema, (KEEP_LAST + 1, full), (len(future), ema)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 27 else f"{n / 2 ** 20:.1f} MiB"
+
+
 # ------------------------------------------------------------------------------------- Orbax managers
 
 

@@ -65,12 +65,48 @@ def cpu_model() -> str:
 
 
 def main_guard(fn) -> None:
-    """Run a stage's main; turn StageError into one line on stderr and exit code 2."""
+    """Run a stage's main; turn StageError, and a disk that is full, into one line on stderr and exit code 2."""
     try:
         fn(sys.argv[1:])
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        stage = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "stage"  # python -m stages.<stage>
+        print(f"error: {stage}: no space left on device ({full}); free space and rerun: what was complete is kept "
+              "(checkpoints, sample chunks) and the stage continues from it", file=sys.stderr)
+        sys.exit(2)
+
+
+def disk_full(e: BaseException) -> str | None:
+    """The path (or the message) of a full disk or quota among an exception and its causes, else None: an
+    ENOSPC surfaces as an OSError, or wrapped by Orbax, TensorStore or Beam with only its text."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{e.strerror}: {e.filename}" if e.filename else str(e.strerror)
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "RESOURCE_EXHAUSTED: " in text \
+                and "write" in text.lower():
+            return (text.strip().splitlines() or [""])[0][:300]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def lost_peer(stage: str, e: BaseException, resume: str) -> None:
+    """A multi-host job whose collective failed: another process died (or its network did). One line, exit 3
+    at once: JAX's exit handler would otherwise wait at its shutdown barrier for the dead process until the
+    heartbeat timeout, then abort with a stack trace."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    print(f"error: {stage}: a collective across hosts failed ({type(e).__name__}: {first}): another process died "
+          f"or lost the network; rerun every process: {resume}", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 # ---------------------------------------------------------------------------------------------- params
@@ -216,6 +252,12 @@ def load_params(stage: str, argv: list[str], description: str = "") -> dict:
     return view
 
 
+# How long a multi-host job lives on after a process dies (docs/multihost.md): the coordination service
+# declares a process dead after DIT_HEARTBEAT_TIMEOUT_S without a heartbeat, and a process that is ending
+# waits at most DIT_SHUTDOWN_TIMEOUT_S for the others at the shutdown barrier.
+HEARTBEAT_TIMEOUT_S, SHUTDOWN_TIMEOUT_S = 60, 60
+
+
 def init_distributed() -> None:
     """Join a multi-host JAX job when the environment asks for one (call before any other JAX use).
 
@@ -224,14 +266,16 @@ def init_distributed() -> None:
     """
     import jax
 
+    timeouts = {"heartbeat_timeout_seconds": int(os.environ.get("DIT_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S)),
+                "shutdown_timeout_seconds": int(os.environ.get("DIT_SHUTDOWN_TIMEOUT_S", SHUTDOWN_TIMEOUT_S))}
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]), **timeouts)
     elif os.environ.get("JAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
 
 
 def check_inception_batch(evaluate: dict) -> None:
