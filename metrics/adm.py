@@ -30,6 +30,8 @@ from metrics.errors import MetricsInputError
 META_KEY = "metrics_meta"  # uint8 JSON bytes: no pickle, and ADM's reader ignores unknown keys
 META_FORMAT = "dit-metrics-reference/1"
 REF_POOL_KEY = "arr_0_pool_3"  # pool_3 features of arr_0, so evaluate need not recompute them
+REF_SPATIAL_KEY = "arr_0_spatial"  # and their spatial features, so the yardsticks' floor need not either
+REF_INDEX_KEY = "arr_0_index"  # each arr_0 image's position in the data index
 BLOCK = 10_000  # ADM's row and column batch sizes for the distance blocks
 POOL_DIM, SPATIAL_DIM = 2048, 2023
 
@@ -296,9 +298,11 @@ def check_reference(ref_npz, sample_npz, inception) -> None:
 
 
 def evaluate(ref_npz, sample_npz, inception, batch_size: int = 64,
-             fid_method: str = "sqrtm") -> dict[str, float | None]:
+             fid_method: str = "sqrtm", sample_features: dict | None = None) -> dict[str, float | None]:
     """ADM's five numbers for a sample batch against a reference batch. IS is None without logits.
-    `fid_method`: see `frechet_distance` ("sqrtm" is ADM's; "eigh" gives the same number faster)."""
+    `fid_method`: see `frechet_distance` ("sqrtm" is ADM's; "eigh" gives the same number faster).
+    `sample_features`: the sample batch's features when they are known already (the yardsticks stage's real
+    images, whose features the reference stage computed), instead of running Inception on it again."""
     check_reference(ref_npz, sample_npz, inception)
     ref_keys = set(npz.keys(ref_npz))
     ref_pre = {"mu", "sigma", "mu_s", "sigma_s"} <= ref_keys
@@ -318,7 +322,7 @@ def evaluate(ref_npz, sample_npz, inception, batch_size: int = 64,
     if not ref_pre:
         ref_stats = statistics(ref["pool_3"], f"{ref_npz}: pool_3")
         ref_stats_s = statistics(ref["spatial"], f"{ref_npz}: spatial")
-    smp = batch_features(sample_npz, inception, batch_size)
+    smp = sample_features if sample_features is not None else batch_features(sample_npz, inception, batch_size)
     precision, recall = precision_recall(ref["pool_3"], smp["pool_3"])
     return {
         "inception_score": None if smp["logits"] is None else inception_score(smp["logits"]),
@@ -330,10 +334,13 @@ def evaluate(ref_npz, sample_npz, inception, batch_size: int = 64,
 
 
 def write_reference(path, images: np.ndarray, features: dict, *, feature_id: str,
-                    images_pool_3: np.ndarray | None = None) -> None:
+                    images_features: dict | None = None, images_index: np.ndarray | None = None) -> None:
     """An ADM reference batch: arr_0 (kept images) + mu/sigma (pool_3) + mu_s/sigma_s (spatial), computed
     from all `features` (which may cover more images than arr_0 keeps), + metadata naming the feature
-    network (`InceptionV3.feature_id`) and the image size, so a mismatched reference is rejected."""
+    network (`InceptionV3.feature_id`) and the image size, so a mismatched reference is rejected.
+    `images_features` ({pool_3, spatial} of the arr_0 images, in their order) and `images_index` (where each
+    arr_0 image sits in the data index) let later stages take features of those images instead of
+    recomputing them (ADM's reader ignores the extra keys)."""
     from metrics.inception import check_images
 
     images = check_images(images, f"{path}: images")
@@ -348,12 +355,29 @@ def write_reference(path, images: np.ndarray, features: dict, *, feature_id: str
             "num_images": int(len(images)), "num_features": int(len(features["pool_3"]))}
     arrays = {"arr_0": images, "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
               META_KEY: np.frombuffer(json.dumps(meta).encode(), np.uint8)}
-    if images_pool_3 is not None:  # pool_3 of the arr_0 images, in their order
-        if np.shape(images_pool_3) != (len(images), POOL_DIM):
-            raise MetricsInputError(f"{path}: images_pool_3 has shape {np.shape(images_pool_3)}; "
-                                    f"expected ({len(images)}, {POOL_DIM})")
-        arrays[REF_POOL_KEY] = np.asarray(images_pool_3, np.float32)
+    for key, name, dim in ((REF_POOL_KEY, "pool_3", POOL_DIM), (REF_SPATIAL_KEY, "spatial", SPATIAL_DIM)):
+        if images_features is not None:  # features of the arr_0 images, in their order
+            if np.shape(images_features[name]) != (len(images), dim):
+                raise MetricsInputError(f"{path}: {name} of arr_0 has shape {np.shape(images_features[name])}; "
+                                        f"expected ({len(images)}, {dim})")
+            arrays[key] = np.asarray(images_features[name], np.float32)
+    if images_index is not None:
+        arrays[REF_INDEX_KEY] = np.asarray(images_index, np.int64)
     npz.write_atomic(path, arrays)
+
+
+def reference_features(path, positions) -> dict | None:
+    """{pool_3, spatial} of the images at data-index `positions`, read from a reference this project wrote
+    (write_reference's images_features and images_index); None when it does not hold all of them."""
+    keys = set(npz.keys(path))
+    if not {REF_POOL_KEY, REF_SPATIAL_KEY, REF_INDEX_KEY} <= keys or read_meta(path) is None:
+        return None
+    where = {int(p): r for r, p in enumerate(npz.load(path, REF_INDEX_KEY))}
+    if not all(int(p) in where for p in positions):
+        return None
+    rows = np.asarray([where[int(p)] for p in positions], np.int64)
+    return {"pool_3": npz.load(path, REF_POOL_KEY)[rows], "spatial": npz.load(path, REF_SPATIAL_KEY)[rows],
+            "logits": None}
 
 
 # ---------------------------------------------------------------------------------------------- CLI

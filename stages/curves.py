@@ -86,10 +86,27 @@ def score(images, labels, inception, batch_size: int, tmp: Path) -> dict:
     return {k: round(float(m[k]), 6) for k in COLUMNS}
 
 
+def write_off(params: dict) -> None:
+    """curves.enabled: false (the embedded default's `make repro`): the stage's outputs, with no points, at
+    once, so DVC has them and `dvc repro` reruns nothing; a sweep or `-S curves.enabled=true` draws them."""
+    manifest = Manifest("curves", params)
+    OUT.mkdir(parents=True, exist_ok=True)
+    write_tsv(OUT / "fid_vs_step.tsv", ("step", "train_gflops", *COLUMNS), [])
+    write_tsv(OUT / "fid_vs_sampling.tsv", ("sampler", "sampling_steps", "sample_gflops_per_image", *COLUMNS), [])
+    write_json(OUT / "curves.json", {"enabled": False, "points": []})
+    manifest.counts = {"points": 0, "checkpoints": 0, "skipped": 0}
+    manifest.write(OUT)
+    print(f"curves: off (curves.enabled: false) -> {OUT}; turn it on with -S curves.enabled=true")
+
+
 def main(argv: list[str]) -> None:
     params = load_params("curves", argv, __doc__)
     cfg, sample_cfg = params["curves"], params["sample"]
+    if not isinstance(cfg["enabled"], bool):
+        fail(f"curves.enabled: expected true or false, got {cfg['enabled']!r}")
     check_params(cfg)
+    if not cfg["enabled"]:
+        return write_off(params)
     ckpt_manifest = read_manifest(CKPT)
     read_manifest(VAE)
     read_manifest(REFERENCE)
@@ -170,7 +187,7 @@ def main(argv: list[str]) -> None:
     write_tsv(OUT / "fid_vs_sampling.tsv",
               ("sampler", "sampling_steps", "sample_gflops_per_image", *COLUMNS), by_sampler)
     write_json(OUT / "curves.json", {
-        "num_samples": cfg["num_samples"], "train_sampler": train_spacing, "final_step": final,
+        "enabled": True, "num_samples": cfg["num_samples"], "train_sampler": train_spacing, "final_step": final,
         # the model's cost; each point carries its own sampling Gflops
         "cost": {k: v for k, v in cost(config, ckpt_manifest, 0, guided).items() if k != "sample_gflops_per_image"},
         "points": results,

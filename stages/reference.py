@@ -57,16 +57,17 @@ def main(argv: list[str]) -> None:
     manifest = Manifest("reference", params)
     inception = load_inception(ev, manifest)
     manifest.add_input("data", DATA / "index.json")
-    images, labels = [], []
+    images, labels, positions = [], [], []
     index = read_index(DATA)
     total = 0
-    for key, label, image in iter_images(index, size):  # image files or a tfds split alike
+    for position, (key, label, image) in enumerate(iter_images(index, size)):  # files or a tfds split alike
         total += 1
         if isinstance(image, BadImage):
             manifest.skip(key, str(image))
         else:
             images.append(image)
             labels.append(label)
+            positions.append(position)
     if not images:
         fail("artifacts/data: no readable images for the reference batch")
     images = np.stack(images)
@@ -75,7 +76,8 @@ def main(argv: list[str]) -> None:
                      .astype(int))
     with atomic_dir(OUT) as tmp:
         write_reference(tmp / "reference.npz", images[keep], features, feature_id=inception.feature_id,
-                        images_pool_3=features["pool_3"][keep])
+                        images_features={k: features[k][keep] for k in ("pool_3", "spatial")},
+                        images_index=np.asarray(positions)[keep])
         manifest.counts = {"total": total, "processed": len(images),
                            "skipped": len(manifest.skipped), "kept_in_arr_0": int(len(keep))}
         manifest.extra.update({"inception": {"source": inception.source,

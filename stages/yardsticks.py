@@ -37,16 +37,19 @@ def pick(n_items: int, count: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_items - 1, min(count, n_items)).round().astype(int))
 
 
-def real_images(index: dict, size: int, count: int, manifest: Manifest) -> np.ndarray:
-    images = []  # only the picked images are read and decoded (50K of ImageNet's 1.28M)
-    for key, _, image in iter_images(index, size, only=set(pick(len(index["items"]), count).tolist())):
+def real_images(index: dict, size: int, count: int, manifest: Manifest) -> tuple[np.ndarray, list[int]]:
+    """(the picked real images, their positions in the data index); unreadable ones are skipped, listed."""
+    images, positions = [], []  # only the picked images are read and decoded (50K of ImageNet's 1.28M)
+    picked = sorted(pick(len(index["items"]), count).tolist())  # iter_images yields them in this order
+    for position, (key, _, image) in zip(picked, iter_images(index, size, only=set(picked))):
         if isinstance(image, BadImage):
             manifest.skip(key, str(image))
         else:
             images.append(image)
+            positions.append(position)
     if not images:
         fail("artifacts/data: no readable images for the yardsticks")
-    return np.stack(images)
+    return np.stack(images), positions
 
 
 def reconstruct(images: np.ndarray) -> np.ndarray:
@@ -98,8 +101,12 @@ def main(argv: list[str]) -> None:
     manifest.add_input("vae", VAE, exclude=("manifest.json",))
     manifest.add_input("reference", reference)
     index = read_index(DATA)
-    reals = real_images(index, size, count, manifest)
+    reals, positions = real_images(index, size, count, manifest)
     recons = reconstruct(reals)
+    # the floor's images are reference images: their features were computed by the reference stage
+    from metrics.adm import reference_features
+
+    known = {"floor": reference_features(reference, positions), "rfid": None}
     pretrained = (vae_manifest.get("params", {}).get("vae", {}) or {}).get("pretrained")
     held_out = {"held_out": bool(pretrained),
                 "why": "a pretrained VAE, not trained on these images" if pretrained else
@@ -112,12 +119,13 @@ def main(argv: list[str]) -> None:
             try:
                 # eigh: the same FID as ADM's sqrtm to ~1e-7 relative; N < 2048 images: an N x N problem
                 results[name] = evaluate(str(reference), str(path), inception, batch_size=ev["batch_size"],
-                                         fid_method="eigh")
+                                         fid_method="eigh", sample_features=known[name])
             except ValueError as e:
                 fail(str(e))
     mse = float(np.mean(((reals.astype(np.float64) - recons) / 255.0) ** 2))
     doc = {"num_images": int(len(reals)), "floor": results["floor"], "rfid": results["rfid"],
-           "fid_method": "eigh", "recon_psnr_db": round(float(10 * np.log10(1.0 / max(mse, 1e-12))), 4), **held_out,
+           "fid_method": "eigh", "floor_features": "from the reference" if known["floor"] else "computed",
+           "recon_psnr_db": round(float(10 * np.log10(1.0 / max(mse, 1e-12))), 4), **held_out,
            "inception": {"source": inception.source, "weights_sha256": inception.weights_sha256},
            "reference_sha256": manifest.inputs["reference"]}
     with atomic_dir(OUT) as tmp:

@@ -23,9 +23,9 @@ TINY = {
     "train": {"steps": 12, "global_batch_size": 16, "log_every": 5, "ckpt_every": 10,
               "depth": 2, "hidden_size": 64, "num_heads": 2, "keep_every": 6},
     "sample": {"num_samples": 20, "num_sampling_steps": "5", "batch_size": 10, "grid_per_class": 2},
-    "curves": {"num_samples": 20, "train_sampler": "5", "samplers": ["ddim3", "5"]},
+    "curves": {"enabled": True, "num_samples": 20, "train_sampler": "5", "samplers": ["ddim3", "5"]},
     "reference": {"max_images": 25},
-    "evaluate": {"batch_size": 20},
+    "evaluate": {"batch_size": 20, "fid_method": "sqrtm"},  # ADM's, as params-imagenet.yaml (the default: eigh)
 }
 STAGES = ["data", "vae", "encode", "train", "sample", "reference", "yardsticks", "evaluate", "curves"]
 
@@ -107,7 +107,7 @@ def test_first_repro_runs_every_stage_and_writes_every_artifact(repo):
     assert 0 < m["fid_floor"] == yard["floor"]["fid"] and m["rfid"] == yard["rfid"]["fid"] > 0
     prov = metrics["provenance"]
     assert prov["checkpoint_step"] == 12 and len(prov["ema_sha256"]) == 64
-    assert prov["fid_method"] == "sqrtm"  # ADM's, the default; the reruns below take eigh (5-8x faster)
+    assert prov["fid_method"] == "sqrtm"  # ADM's; the reruns below take eigh (5-8x faster)
     assert set(prov["dvc_lock"]) >= {"data", "vae", "encode", "train", "sample", "reference"}
 
 

@@ -198,7 +198,7 @@ def batches(tmp_path_factory, inception):
     ref_feats = inception.features(ref_images, batch_size=BATCH)
     adm.write_reference(d / "ref.npz", ref_images, ref_feats, feature_id=inception.feature_id)
     adm.write_reference(d / "ref_cached.npz", ref_images, ref_feats, feature_id=inception.feature_id,
-                        images_pool_3=ref_feats["pool_3"])
+                        images_features=ref_feats, images_index=np.arange(10, 16))
     np.savez(d / "ref_plain.npz", arr_0=ref_images)  # an ADM batch without statistics or metadata
     np.savez(d / "samples.npz", arr_0=smp_images)
     smp_feats = inception.features(smp_images, batch_size=BATCH)
@@ -216,6 +216,21 @@ def record_frechet(monkeypatch):
 
     monkeypatch.setattr(adm, "frechet_distance", fake)
     return calls
+
+
+def test_features_of_reference_images_are_read_back_not_recomputed(batches, inception, monkeypatch):
+    """The yardsticks' real images are reference images: their features come from the reference (by data
+    index position) and evaluate takes them as given, running Inception on nothing."""
+    d, ref, smp = batches
+    got = adm.reference_features(d / "ref_cached.npz", [15, 11, 12, 10])
+    for k in ("pool_3", "spatial"):
+        np.testing.assert_array_equal(got[k], ref[k][[5, 1, 2, 0]])
+    assert adm.reference_features(d / "ref_cached.npz", [11, 16]) is None  # 16 is not in the reference
+    assert adm.reference_features(d / "ref.npz", [11]) is None  # written without them
+    monkeypatch.setattr(adm, "batch_features", lambda *a, **k: pytest.fail("Inception ran"))
+    calls = record_frechet(monkeypatch)
+    adm.evaluate(d / "ref_cached.npz", d / "samples.npz", inception, sample_features=got)
+    np.testing.assert_allclose(calls[0][0], got["pool_3"].astype(np.float64).mean(0), rtol=1e-12)
 
 
 def test_evaluate_wires_features_to_metrics(batches, inception, monkeypatch):

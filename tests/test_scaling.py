@@ -91,7 +91,7 @@ TINY = {
     "encode": {"shards": 2, "batch_size": 16, "num_workers": 1},
     "train": {"steps": 4, "global_batch_size": 8, "log_every": 2, "ckpt_every": 4, "keep_every": 2},
     "sample": {"num_samples": 10, "num_sampling_steps": "2", "batch_size": 10, "grid_per_class": 1},
-    "curves": {"num_samples": 10, "train_sampler": "2", "samplers": ["2", "ddim4"]},
+    "curves": {"enabled": True, "num_samples": 10, "train_sampler": "2", "samplers": ["2", "ddim4"]},
     "reference": {"max_images": 20},
     "evaluate": {"batch_size": 20, "fid_method": "eigh"},  # ADM's sqrtm is the e2e test's; eigh: 5-8x faster
 }

@@ -1,5 +1,7 @@
 """The contract every stage keeps: declared params only, one-line errors with exit 2, atomic outputs."""
 
+import json
+
 import pytest
 import yaml
 
@@ -293,3 +295,14 @@ def test_scratch_dir_is_removed_after_and_a_killed_runs_is_removed_next_time(tmp
         assert scratch.is_dir() and not left.exists()
         (scratch / "rfid.npz").write_bytes(b"y")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_curves_off_writes_its_outputs_at_once(workdir):
+    """curves.enabled: false (the embedded default): the stage's outputs with no points, without reading
+    any artifact or importing JAX, so `dvc repro` has them and reruns nothing."""
+    proc = run_stage("curves", workdir)
+    out = workdir / "artifacts/curves"
+    assert "curves: off" in proc.stdout and json.loads((out / "curves.json").read_text()) == {"enabled": False,
+                                                                                              "points": []}
+    assert (out / "fid_vs_step.tsv").read_text().splitlines() == ["step\ttrain_gflops\tfid\tsfid\tprecision\trecall"]
+    assert (out / "fid_vs_sampling.tsv").read_text().count("\n") == 1 and (out / "manifest.json").is_file()
