@@ -14,6 +14,7 @@ the page in a headless Chromium with the network off.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -66,11 +67,11 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if argv not in ([], ["--check"]):
-        print(__doc__, file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m stages.tools.plots_template", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed template is not this one")
+    args = parser.parse_args(argv)
     page = render()
-    if argv == ["--check"]:
+    if args.check:
         same = TEMPLATE.is_file() and TEMPLATE.read_text(encoding="utf-8") == page
         print(f"{TEMPLATE}: {'up to date' if same else 'differs from what vl-convert-python gives: regenerate it'}")
         return 0 if same else 1
