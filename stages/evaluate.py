@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.runtime import environment
 from stages.runtime.common import (Manifest, check_inception_batch, code_version, fail, load_inception, load_params,
                            main_guard, read_manifest, write_json)
 
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> None:
         "num_samples": sample_manifest["counts"]["samples"],
         "dvc_lock": dvc_lock_hashes(),
         "code": code_version(),
+        "environment": environment.record(),  # after Inception ran, so JAX's devices are in it
     }
     doc = {"metrics": metrics, "cost": sample_manifest.get("cost"), "provenance": provenance}
     if YARDSTICKS.is_file():

@@ -487,6 +487,8 @@ class Manifest:
         self.skipped.append({"item": str(item), "reason": reason})
 
     def write(self, out_dir: Path) -> dict:
+        from stages.runtime import environment
+
         doc = {
             "stage": self.stage,
             "params": self.params,
@@ -495,6 +497,7 @@ class Manifest:
             "counts": self.counts,
             "skipped": self.skipped,
             "code": code_version(),
+            "environment": environment.record(),
             "wall_time_s": round(time.time() - self.started, 3),
             **self.extra,
         }
