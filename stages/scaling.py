@@ -1,4 +1,5 @@
-"""`python -m stages.scaling`: the scaling report: DVC experiments gathered into the paper's figures (stages/tools/scaling.py).
+"""`python -m stages.scaling`: the scaling report, DVC experiments gathered into the paper's figures
+(stages/tools/scaling.py).
 
 A tool a person runs across runs, not a DVC stage: its code lives in stages/tools/, and this module keeps the
 command's name."""

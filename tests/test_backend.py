@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # twelve train steps of a DiT-S-sized model
+
 # Twelve train steps (stages.runtime.train_step.make_step: DiT loss, AdamW, EMA) of a small DiT whose temporaries
 # (~280 MB) are well over one block; prints the state's sha256 and the minor page faults of each step
 # after the first.

@@ -14,6 +14,8 @@ from conftest import run_stage
 from test_train_resume import RUN, STEPS, manifest, saved_steps, straight  # noqa: F401  (module fixtures)
 from test_train_sample import ONE, SAMPLE, fresh_copy, latents  # noqa: F401
 
+pytestmark = pytest.mark.slow  # training runs resumed from damaged checkpoints
+
 SHORT = STEPS - 20  # the run that gets damaged stops here; its newest step is SHORT
 
 

@@ -126,6 +126,7 @@ def _ref_losses(d, eps_pred, var_v, x0, noise, t):
     return mse, vb
 
 
+@pytest.mark.slow
 def test_training_losses_match_reference_and_freeze_the_mean():
     d = create_diffusion("")
     rng = np.random.default_rng(3)
@@ -154,6 +155,7 @@ def test_training_losses_match_reference_and_freeze_the_mean():
     np.testing.assert_array_equal(g_mse[..., 3:], 0)
 
 
+@pytest.mark.slow
 def test_model_receives_original_timesteps():
     d = create_diffusion("ddim50")
     seen = {}
@@ -171,6 +173,7 @@ def toy_model(x, t):
     return jnp.concatenate([eps, jnp.tanh(x)], axis=-1)
 
 
+@pytest.mark.slow
 def test_ddim_eta0_is_deterministic_and_matches_reference():
     d = create_diffusion("ddim10")
     keys = jax.random.split(jax.random.key(0), 3)
@@ -194,6 +197,7 @@ def test_ddim_eta0_is_deterministic_and_matches_reference():
     assert np.abs(c - a).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_per_sample_keys_independent_of_batch(sampler):
     d = create_diffusion("10")
@@ -217,6 +221,7 @@ def test_per_sample_keys_independent_of_batch(sampler):
         d.p_sample_loop(toy_model, (3,) + shape[1:], keys)
 
 
+@pytest.mark.slow
 def test_dit_sample_same_in_batch_of_one_and_four():
     from dit.models import DiT, dit_config, init_params
     cfg = dit_config(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)

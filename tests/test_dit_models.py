@@ -41,6 +41,7 @@ def inputs(cfg, n=4, seed=1):
     return x, t, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS)
 def test_shapes_every_block(block):
     cfg = tiny(block=block)
@@ -60,6 +61,7 @@ def test_learn_sigma_false_and_patch4():
     assert out.shape == (2, 8, 8, 4)
 
 
+@pytest.mark.slow
 def test_adaln_zero_blocks_are_identity_at_init_and_output_is_zero():
     cfg = tiny()
     params = fresh(cfg)

@@ -175,3 +175,17 @@ def test_every_param_named_in_the_guide_exists():
 
 def test_the_guide_has_commands_to_check():
     assert len(CASES) > 30 and any(c[2] == "stages.train" for _, _, c in CASES if len(c) > 2)
+
+
+def test_the_readme_is_a_guide_a_newcomer_reads_in_five_minutes():
+    """README.md at most 250 lines; no prose line of README or docs/ over 120 characters (code blocks and
+    table rows may be longer)."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+    long = []
+    for page in PAGES:
+        fenced = False
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            fenced ^= line.startswith("```")
+            if len(line) > 120 and not fenced and not line.startswith("|") and not line.startswith("```"):
+                long.append(f"{page.relative_to(ROOT)}:{n}: {len(line)} characters")
+    assert not long, "\n".join(long)

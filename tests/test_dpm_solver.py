@@ -57,6 +57,7 @@ def run_diffusers(steps, x_T):
     return xs, fed, sched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [25, 10, 3])
 def test_dpm_solver_matches_diffusers_step_by_step(steps):
     rng = np.random.default_rng(steps)
@@ -124,6 +125,7 @@ def test_dpm_solver_replayed_outputs_sensitive_to_conventions():
     assert rel(ddim, theirs[-1]) > 1e-3
 
 
+@pytest.mark.slow
 def test_dpm_solver_loop_matches_dit_pipeline():
     """End to end: the real DiTPipeline with the DPM-Solver++ scheduler against our jitted loop with
     forward_with_cfg (as stages/sample.py builds it), a tiny random DiT converted to both sides, CFG 4

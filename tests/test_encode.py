@@ -12,6 +12,8 @@ from conftest import run_stage
 from dit import vae as vae_lib
 from pipelines.encode import decode_record
 
+pytestmark = pytest.mark.slow  # Beam encode jobs
+
 
 def tiny_vae_params():
     """(config, params) of a 2-level VAE (16 px images -> 8x8x4 latents) at its random init."""

@@ -15,6 +15,8 @@ from conftest import ROOT
 from test_encode_storage import shard_bytes, write_images
 from test_encode import tiny_vae
 
+pytestmark = pytest.mark.slow  # a Beam portable runner
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -14,6 +14,8 @@ from PIL import Image
 
 from test_encode import tiny_vae
 
+pytestmark = pytest.mark.slow  # Beam encode jobs
+
 
 class TestFS(FileSystem):
     """`testfs://a/b` is `<root>/a/b` on disk; every call is counted, so the test sees it was used."""

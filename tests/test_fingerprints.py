@@ -10,10 +10,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from test_train_inputs import records_of
 from test_train_sample import latents  # noqa: F401  (the module fixture)
+
+pytestmark = pytest.mark.slow  # programs lowered in subprocesses, train steps
 
 PROBE = """
 import json, sys

@@ -36,6 +36,7 @@ def test_xl2_exact_params_and_512_gflops():
     assert abs(count_flops(dit_config(name, input_size=latent)) / 1e9 / paper_g - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_block_designs_match_paper():
     # Table 4: XL/2 in-context 449M / 119.37, cross-attention 598M / 137.62, adaLN 600M / 118.56
     for block, m, g in [("in_context", 449, 119.37), ("cross_attn", 598, 137.62), ("adaln", 600, 118.56)]:

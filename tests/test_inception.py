@@ -116,6 +116,7 @@ def test_cpu_compile_options_keep_the_features_and_fall_back_when_unknown(incept
         backend.cpu_compiler_options.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 2, 3, 8])
 def test_same_bytes_on_any_device_count(inception, tmp_path, devices):
     """The per-device batch is fixed (BATCH), so image i is computed in the same block of the same

@@ -48,6 +48,7 @@ def graphdef_path(tmp_path_factory):
     return path, softmax
 
 
+@pytest.mark.slow
 def test_graphdef_and_torchscript_give_the_same_features(graphdef_path):
     path, softmax = graphdef_path
     g = InceptionV3.load("graphdef", str(path))

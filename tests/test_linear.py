@@ -68,6 +68,7 @@ def test_narrowing_layer_computes_the_wide_weight_gradient():
     assert dots == [("384", "1536")]  # widening: the (in, out) product, as before
 
 
+@pytest.mark.slow
 def test_model_gradients_match_autodiff(monkeypatch):
     cfg = dit_config(None, input_size=8, depth=2, hidden_size=64, num_heads=4, patch_size=2, num_classes=10,
                      learn_sigma=True)

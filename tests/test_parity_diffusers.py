@@ -59,6 +59,7 @@ def rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,latent", [("DiT-S/2", 8), ("DiT-B/4", 16)])
 def test_parity_with_diffusers(name, latent):
     cfg = dit_config(name, input_size=latent)

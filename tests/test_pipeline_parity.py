@@ -135,6 +135,7 @@ def test_ddim_timesteps_match_adm_respacing():
     assert d.alphas_cumprod_prev[0] == float(sched.final_alpha_cumprod) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guided", [3, None], ids=["official-3ch", "all-4ch"])
 def test_ddim_loop_matches_dit_pipeline(guided):
     cfg = dit_config(None, input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=1000)

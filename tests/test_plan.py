@@ -30,14 +30,15 @@ def report(path):
 
 def test_the_default_model_fits_a_v5e_slice_with_the_sharding_and_flops_it_should(workdir):
     """Global batch 64 on v5e:2x2 (16 images a chip): the train step and the sample chunk fit; each chip's
-    arguments are its shards of the train state (about the state / fsdp) plus its batch rows (so the sharding was applied); the
-    compiled flops are the model's plus what the model count leaves out: AdamW and the EMA (~20 flops a
-    parameter), softmax, layer norms, GELU and the loss. For this small model (0.6M parameters, 16 tokens
+    arguments are its shards of the train state (about the state / fsdp) plus its batch rows (so the
+    sharding was applied); the compiled flops are the model's plus what the model count leaves out: AdamW
+    and the EMA (~20 flops a parameter), softmax, layer norms, GELU and the loss. For this small model (0.6M parameters, 16 tokens
     an image) that was 1.047x on fsdp 1 (DiT-XL/2 on v5e:16x16: 1.028x). The sampler's loop, counted once
     by XLA, is scaled by its steps: 1.03x the model's flops."""
+    args = {}
     for fsdp in (1, 4):
         out = workdir / f"plan{fsdp}.json"
-        proc = plan(workdir, "--topology", "v5e:2x2", "--stages", "train,sample", "--set",
+        proc = plan(workdir, "--topology", "v5e:2x2", "--stages", "train,sample" if fsdp == 1 else "train", "--set",
                     f"train.mesh.fsdp={fsdp}", "--set", "train.mesh.data=-1", "--set", "sample.batch_size=8",
                     "--out", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,12 +46,17 @@ def test_the_default_model_fits_a_v5e_slice_with_the_sharding_and_flops_it_shoul
         train = r["train"]
         assert train["fits"] and train["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp} and train["per_chip_batch"] == 16
         batch_rows = 16 * (2 * 8 * 8 * 4 * 4 + 4) / 2 ** 30  # mean, logvar (8x8x4 float32) and a label each
-        assert train["argument_gib"] == pytest.approx(train["state_gib_per_chip"] + batch_rows, rel=0.01)
+        # TPU stores arrays in (8, 128) tiles, so this model's small tensors (biases of 32 to 128) take more
+        # room than their elements: up to a few percent of its 5-22 MB
+        assert train["argument_gib"] == pytest.approx(train["state_gib_per_chip"] + batch_rows, rel=0.05)
         assert train["state_gib_per_chip"] < 1.1 * train["state_gib"] / fsdp  # nearly every tensor divided
+        args[fsdp] = train["argument_gib"]
         assert 1.0 < train["flops_ratio"] < 1.1, train["flops_ratio"]
         assert train["hosts_rows_contiguous"] and 0 < train["mfu_bound"] <= 1
-        assert r["sample"]["fits"] and r["sample"]["hosts_chunks_once"]
-        assert r["sample"]["flops_ratio"] == pytest.approx(1.0, abs=0.1)  # the denoising loop, scaled by steps
+        if fsdp == 1:  # the sampler does not shard its weights
+            assert r["sample"]["fits"] and r["sample"]["hosts_chunks_once"]
+            assert r["sample"]["flops_ratio"] == pytest.approx(1.0, abs=0.1)  # the denoising loop, scaled by steps
+    assert args[4] < 0.35 * args[1]  # fsdp 4: each chip holds about a quarter of the state
     assert "train" in proc.stdout and "MFU <=" in proc.stdout
 
 

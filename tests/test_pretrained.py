@@ -20,6 +20,8 @@ from dit.models import dit_config  # noqa: E402
 from stages import pretrained  # noqa: E402
 from stages.runtime.common import StageError, sha256_file, tree_sha256  # noqa: E402
 
+pytestmark = pytest.mark.slow  # released-weight conversions
+
 TINY = dict(depth=2, hidden_size=32, num_heads=2, patch_size=4)  # at 64 px: an 8x8 latent, 4 tokens
 
 

@@ -18,6 +18,8 @@ from conftest import ROOT, run_stage, without_device_count
 from test_encode import tiny_vae_params
 from test_train_sample import latents  # noqa: F401  (the module fixture)
 
+pytestmark = pytest.mark.slow  # sample stage runs
+
 ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 SAMPLE = ["--set", "sample.num_samples=12", "--set", "sample.num_sampling_steps=4",
           "--set", "sample.batch_size=4", "--set", "sample.grid_per_class=2"]

@@ -17,6 +17,8 @@ from PIL import Image
 from conftest import run_stage
 from test_encode import tiny_vae
 
+pytestmark = pytest.mark.slow  # the data and encode stages on tfds and a fake GCS
+
 N, BAD, CMYK = 10, 4, 7
 
 

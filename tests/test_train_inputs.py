@@ -14,6 +14,8 @@ import pytest
 from conftest import run_stage
 from test_train_sample import ONE, TRAIN, latents  # noqa: F401  (the module fixture)
 
+pytestmark = pytest.mark.slow  # training runs on bad input
+
 
 def records_of(wd, use_flips=False):
     from stages.runtime.loader import check_shards, open_records

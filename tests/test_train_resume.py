@@ -18,6 +18,8 @@ import pytest
 from conftest import ROOT, run_stage
 from test_train_sample import ONE, TRAIN, fresh_copy, latents  # noqa: F401  (the module fixture)
 
+pytestmark = pytest.mark.slow  # training runs killed and resumed
+
 STEPS = 120
 RUN = [*TRAIN, "--set", f"train.steps={STEPS}", "--set", "train.ckpt_every=20", "--set", "train.log_every=1"]
 

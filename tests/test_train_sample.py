@@ -9,6 +9,8 @@ import pytest
 from conftest import run_stage, without_device_count
 from test_encode import tiny_vae
 
+pytestmark = pytest.mark.slow  # training runs
+
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 ONE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 TRAIN = ["--set", "train.steps=6", "--set", "train.global_batch_size=16", "--set", "train.log_every=2",

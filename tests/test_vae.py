@@ -67,6 +67,7 @@ def images(n=2, size=16, seed=0):
     ((32, 64), 1, 16, False),
     ((32, 64, 64), 2, 32, True),
 ])
+@pytest.mark.slow
 def test_parity_with_diffusers(block_out_channels, layers_per_block, groups, attention):
     tm = torch_vae(block_out_channels, layers_per_block, groups, attention)
     config = VAEConfig.from_diffusers(dict(tm.config))
@@ -213,6 +214,7 @@ def write_data(root: Path, n: int = 20, size: int = 16) -> None:
     (data / "manifest.json").write_text("{}")
 
 
+@pytest.mark.slow
 def test_stage_trains_and_writes_outputs(workdir):
     write_data(workdir)
     run_stage("vae", workdir, *TINY)
@@ -304,6 +306,7 @@ def decode_sha(devices: int, min_features: int) -> str:
     return proc.stdout.split()[-1]
 
 
+@pytest.mark.slow
 def test_decode_gives_the_same_bytes_on_any_device_count():
     """The same 64 latents decoded per device on 2 and on 3 XLA:CPU devices: the same bytes. XLA:CPU
     runs the 3-channel conv_out on a device-count-dependent path; NarrowConv's padded kernel avoids it.

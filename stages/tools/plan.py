@@ -159,7 +159,7 @@ def analyse(name: str, lowered, chip, model_flops: float, peak: float, extra: di
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "exceed" not in text:
             raise
-        need = re.search(r"\(([\d.]+)G\) exceed available HBM \(([\d.]+)G\)", text)
+        need = re.search(r"\(([\d.]+)G\) exceeds? available HBM \(([\d.]+)G\)", text)
         return {"stage": name, "fits": False, "compile_s": round(time.time() - t, 1),
                 "error": text.strip().splitlines()[0][:400],
                 "temporaries_gib": float(need.group(1)) if need else None,
@@ -347,13 +347,15 @@ def plan_inception(params: dict, devices, chip, image_size: int, dump=None) -> d
 
 
 def suggestion(r: dict) -> str:
-    short = (r.get("temporaries_gib") or 0) - r.get("available_gib", 0) if r.get("peak_gib") is None else \
-        r["peak_gib"] - r["hbm_gib"]
     what = {"train": "more train.mesh.fsdp (it divides the state), train.remat: true, or a smaller per-chip "
                      "batch (more chips)",
             "sample": "a smaller sample.batch_size (samples per device per call)",
             "inception": "a smaller evaluate.batch_size (images per device per call)"}[r["stage"]]
-    return f"{r['stage']} does not fit: {short:.2f} GiB over the chip's HBM; try {what}"
+    if r.get("temporaries_gib") is not None:  # XLA stated what it needed
+        short = f"{r['temporaries_gib'] - r['available_gib']:.2f} GiB of temporaries over the chip's HBM"
+    else:  # another on-chip memory ran out (sflag, vmem): XLA's own words
+        short = f"XLA refused it ({r.get('error', '')[:160]})"
+    return f"{r['stage']} does not fit: {short}; try {what}"
 
 
 def print_table(reports: list[dict], topo, chip) -> None:
