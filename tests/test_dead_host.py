@@ -5,6 +5,7 @@ to the bytes an uninterrupted run with the same process count gives. Processes a
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_stage
 from test_train_sample import ONE, SAMPLE, TRAIN, fresh_copy, latents  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
@@ -112,15 +113,11 @@ def test_a_dead_process_stops_the_others_and_the_rerun_ends_with_the_same_bytes(
 
 
 def test_a_dead_sampler_keeps_its_finished_chunks_and_the_rerun_gives_the_same_samples(latents, tmp_path):
-    from conftest import run_stage
-
     wd = fresh_copy(latents, tmp_path / "wd")
     run_stage("train", wd, *TRAIN, env=ONE)
     many = [*SAMPLE, "--set", "sample.num_samples=96", "--set", "sample.batch_size=4",
             "--set", "sample.num_sampling_steps=50"]
     one = tmp_path / "one"
-    import shutil
-
     shutil.copytree(wd, one)
     run_stage("sample", one, *many, env=ONE)  # the bytes: the same on one process or two (chunks are per device)
     work = wd / "artifacts/.sample-work"

@@ -127,3 +127,22 @@ def test_every_host_of_a_v5e_256_reads_one_range_and_the_chunks_are_written_once
         rows = out[fsdp]["rows"]
         assert rows == [[4 * h, 4 * h + 4] for h in range(64)], (fsdp, rows[:4])
         assert out[fsdp]["chunks_once"]
+
+
+@pytest.mark.slow
+def test_the_paper_config_fits_the_slice_its_params_file_names():
+    """params-imagenet.yaml names the slice and mesh it is planned for, as the command beside train.mesh: that
+    command, run as written, compiles DiT-XL/2's train step there; it fits, with an MFU bound of at least
+    40% (docs/tpu.md: 83% on a v5p-8)."""
+    import re
+    import shlex
+    import tempfile
+
+    line = next(line for line in (ROOT / "params-imagenet.yaml").read_text().splitlines() if "stages.plan" in line)
+    args = shlex.split(re.search(r"python -m stages\.plan (.*)$", line).group(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = plan(ROOT, *args, "--stages", "train", "--out", f"{tmp}/plan.json", timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        train = report(f"{tmp}/plan.json")["train"]
+    assert train["fits"] and train["mfu_bound"] >= 0.4 and train["per_chip_batch"] == 64
+    assert 1.0 < train["flops_ratio"] < 1.05

@@ -92,15 +92,21 @@ def read_run(ckpt_dir: Path) -> dict | None:
         return {}
 
 
-def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
-    """Move a run's folder (and its log) to artifacts/checkpoints.aside/<fingerprint>[-n]/."""
-    ckpt_dir = Path(ckpt_dir)
-    base = ckpt_dir.with_name(ckpt_dir.name + ".aside") / (fp[:12] or "unknown")
+def _unused(base: Path) -> Path:
+    """`base`, or `base-2`, `base-3`, ... the first that does not exist yet (its parent made): nothing moved
+    aside is ever overwritten."""
     dest, n = base, 1
     while dest.exists():
         n += 1
         dest = base.with_name(f"{base.name}-{n}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def move_aside(ckpt_dir: Path, log: Path, fp: str) -> Path:
+    """Move a run's folder (and its log) to artifacts/checkpoints.aside/<fingerprint>[-n]/."""
+    ckpt_dir = Path(ckpt_dir)
+    dest = _unused(ckpt_dir.with_name(ckpt_dir.name + ".aside") / (fp[:12] or "unknown"))
     ckpt_dir.rename(dest)
     for f in (Path(log), Path(log).with_suffix(".tsv")):
         if f.is_file():
@@ -240,12 +246,7 @@ def move_damaged(ckpt_dir: Path, sub: str, step: int, reason: str) -> Path | Non
     if jax.process_index() != 0:
         return None
     src = Path(ckpt_dir) / sub / str(step)
-    base = Path(ckpt_dir).with_name(Path(ckpt_dir).name + ".damaged") / f"{sub}-{step}"
-    dest, n = base, 1
-    while dest.exists():
-        n += 1
-        dest = base.with_name(f"{base.name}-{n}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = _unused(Path(ckpt_dir).with_name(Path(ckpt_dir).name + ".damaged") / f"{sub}-{step}")
     src.rename(dest)
     (dest.parent / f"{dest.name}.reason.txt").write_text(reason + "\n")
     return dest
