@@ -188,7 +188,8 @@ def analyse(name: str, lowered, chip, model_flops: float, peak: float, extra: di
         "collectives_gb": {k: v / 1e9 for k, v in collective_bytes(hlo).items()},
         "bound_ms": bound * 1e3, "bound_by": "flops" if t_flops >= t_hbm else "HBM bandwidth",
         "flops_ms": t_flops * 1e3, "hbm_ms": t_hbm * 1e3, "peak_tflops": peak,
-        "mfu_bound": model_flops / (bound * peak * 1e12) if bound else None, **extra}
+        # model flops, or the compiled ones where XLA counts fewer (Inception's convolutions on TPU): never over 1
+        "mfu_bound": min(model_flops, flops) / (bound * peak * 1e12) if bound else None, **extra}
 
 
 # ------------------------------------------------------------------------------------------------ programs
