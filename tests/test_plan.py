@@ -47,8 +47,9 @@ def test_the_default_model_fits_a_v5e_slice_with_the_sharding_and_flops_it_shoul
         assert train["fits"] and train["mesh"] == {"data": 4 // fsdp, "fsdp": fsdp} and train["per_chip_batch"] == 16
         batch_rows = 16 * (2 * 8 * 8 * 4 * 4 + 4) / 2 ** 30  # mean, logvar (8x8x4 float32) and a label each
         # TPU stores arrays in (8, 128) tiles, so this model's small tensors (biases of 32 to 128) take more
-        # room than their elements: up to a few percent of its 5-22 MB
-        assert train["argument_gib"] == pytest.approx(train["state_gib_per_chip"] + batch_rows, rel=0.05)
+        # room than their elements: 6 % more of its 5 MB on fsdp 1 (libtpu 0.0.42.1)
+        need = train["state_gib_per_chip"] + batch_rows
+        assert need <= train["argument_gib"] < 1.15 * need, (train["argument_gib"], need)
         assert train["state_gib_per_chip"] < 1.1 * train["state_gib"] / fsdp  # nearly every tensor divided
         args[fsdp] = train["argument_gib"]
         assert 1.0 < train["flops_ratio"] < 1.1, train["flops_ratio"]
@@ -66,7 +67,7 @@ def test_a_batch_that_cannot_fit_is_refused_with_exit_3_and_what_would_help(work
     proc = plan(workdir, "--topology", "v5e:1x1", "--stages", "train", "--set", "train.global_batch_size=65536")
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: train does not fit: ") and "GiB over the chip's HBM" in last
+    assert last.startswith("error: train does not fit: ") and "GiB of temporaries over the chip's HBM" in last
     assert "train.mesh.fsdp" in last and "train.remat" in last
 
 
