@@ -88,11 +88,11 @@ scaling: $(STAMP)
 # two pytest-xdist workers, each taking whole test files (module fixtures build once): the stages'
 # subprocesses leave a core idle about a third of the time, which the second worker fills
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --durations=25
 
 # the fast tier, for developers: every test but the slow ones (end to end, sweeps, kills, full disks, remotes)
 test-fast: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --durations=15 -m "not slow"
 
 clean:
 	rm -rf artifacts .dvc/cache .dvc/tmp
