@@ -233,6 +233,7 @@ def test_features_of_reference_images_are_read_back_not_recomputed(batches, ince
     np.testing.assert_allclose(calls[0][0], got["pool_3"].astype(np.float64).mean(0), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_evaluate_wires_features_to_metrics(batches, inception, monkeypatch):
     d, ref, smp = batches
     calls = record_frechet(monkeypatch)

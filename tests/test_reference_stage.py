@@ -9,6 +9,8 @@ from conftest import run_stage
 from stages.runtime.common import sha256_file
 
 
+pytestmark = pytest.mark.slow  # each test runs the reference stage in a process (5 s each)
+
 def adm_batch(path, size=32, mu=None):
     rng = np.random.default_rng(0)
     np.savez(path, arr_0=rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8),

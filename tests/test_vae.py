@@ -164,6 +164,7 @@ def test_save_load_round_trip(tmp_path):
         vae_lib.load(tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_load_pretrained_reads_diffusers_save_pretrained(tmp_path):
     tm = torch_vae(norm_num_groups=16)
     tm.save_pretrained(tmp_path / "model", safe_serialization=True)
@@ -230,6 +231,7 @@ def test_stage_trains_and_writes_outputs(workdir):
     assert m["scaling_factor"] == config.scaling_factor
 
 
+@pytest.mark.slow
 def test_stage_fails_in_one_line_and_writes_nothing(workdir):
     proc = run_stage("vae", workdir, *TINY, check=False)  # no artifacts/data yet
     assert proc.returncode == 2 and "artifacts/data" in proc.stderr
@@ -242,6 +244,7 @@ def test_stage_fails_in_one_line_and_writes_nothing(workdir):
     assert not (workdir / "artifacts" / "vae").exists()
 
 
+@pytest.mark.slow
 def test_stage_converts_a_pretrained_folder(workdir, tmp_path):
     tm = torch_vae(norm_num_groups=16)
     tm.save_pretrained(tmp_path / "sd-vae", safe_serialization=True)
