@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.runtime.common import (Manifest, atomic_dir, disk_full, fail, init_distributed, is_int, load_params,
+from stages.runtime.common import (Manifest, atomic_dir, fail, init_distributed, is_int, load_params,
                                   lost_peer, main_guard, read_manifest, sha256_file, tree_sha256)
 from stages.runtime.sample_chunks import ChunkStore, merge, num_chunks, plan
 from stages.runtime.sampler import (build_sampler, check_params, chunk_inputs_sha256, chunk_program, chunk_sha256,
@@ -153,9 +153,8 @@ def main(argv: list[str]) -> None:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("sample chunks written")
     except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1 or disk_full(e):
-            raise
         lost_peer("sample", e, f"the finished chunks in {WORK} are reused")
+        raise  # one process, or a full disk: lost_peer returned
 
     if primary:
         grid_images, grid_labels, shown = [], [], np.zeros(config.num_classes, int)

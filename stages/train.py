@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.runtime.common import (Manifest, disk_full, fail, init_distributed, load_params, lost_peer, main_guard,
+from stages.runtime.common import (Manifest, fail, init_distributed, load_params, lost_peer, main_guard,
                                   read_manifest, remove_debris, tree_sha256, write_json)
 from stages.runtime.train_step import build, check_params, host_rows
 
@@ -73,7 +73,7 @@ def room_for_save(mgr, kept, step: int, abstract_state: dict) -> None:
             m.wait_until_finished()
             m.check_for_errors()
     ok = True
-    if jax.process_index() == 0 and os.environ.get("DIT_SPACE_CHECK", "1") != "0":
+    if jax.process_index() == 0 and checkpoint.space_checked():
         last = mgr.latest_step()
         need = (checkpoint.folder_bytes(CKPT / "orbax" / str(last)) if last is not None
                 else checkpoint.tree_bytes(abstract_state))
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("train: checkpoint folder ready")
 
-    if primary and os.environ.get("DIT_SPACE_CHECK", "1") != "0":  # refuse a run whose checkpoints cannot fit
+    if primary and checkpoint.space_checked():  # refuse a run whose checkpoints cannot fit
         need, (n_full, full), (n_kept, ema) = checkpoint.space_needed(CKPT, setup.abstract_state, start,
                                                                       cfg["steps"], cfg["keep_every"])
         if need > (free := checkpoint.free_bytes(CKPT)):
@@ -245,9 +245,8 @@ def main(argv: list[str]) -> None:
                     checkpoint.save(mgr, kept if keep else None, step, state,
                                     {"fingerprint": fp, "window": log.window}, CKPT)
     except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() == 1 or disk_full(e):
-            raise
         lost_peer("train", e, f"the run resumes from its last complete checkpoint ({CKPT}/orbax)")
+        raise  # one process, or a full disk: lost_peer returned
     except NonFinite as e:
         mgr.wait_until_finished()
         fail(f"train: non-finite loss at step {e.step} ({', '.join(f'{k} {v:.4g}' for k, v in e.values.items())}); "

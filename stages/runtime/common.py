@@ -100,9 +100,14 @@ def disk_full(e: BaseException) -> str | None:
 
 
 def lost_peer(stage: str, e: BaseException, resume: str) -> None:
-    """A multi-host job whose collective failed: another process died (or its network did). One line, exit 3
-    at once: JAX's exit handler would otherwise wait at its shutdown barrier for the dead process until the
-    heartbeat timeout, then abort with a stack trace."""
+    """Called with a JaxRuntimeError: in a multi-host job whose collective failed (another process died, or
+    its network did), one line and exit 3 at once: JAX's exit handler would otherwise wait at its shutdown
+    barrier for the dead process until the heartbeat timeout, then abort with a stack trace. Returns, for the
+    caller to re-raise, when the job is one process or the error is a full disk (main_guard's one line)."""
+    import jax
+
+    if jax.process_count() == 1 or disk_full(e):
+        return
     first = (str(e).strip().splitlines() or [""])[0][:200]
     print(f"error: {stage}: a collective across hosts failed ({type(e).__name__}: {first}): another process died "
           f"or lost the network; rerun every process: {resume}", file=sys.stderr, flush=True)

@@ -201,6 +201,7 @@ def plan_train(params: dict, devices, chip, latent_shape, num_classes: int, scal
 
     from dit.flops import count_flops
     from dit.sharding import make_mesh
+    from stages.runtime.checkpoint import tree_bytes
     from stages.runtime.train_step import build, check_params
 
     cfg = params["train"]
@@ -216,7 +217,7 @@ def plan_train(params: dict, devices, chip, latent_shape, num_classes: int, scal
     lowered = setup.jit_step().lower(setup.abstract_state, setup.abstract_batch(),
                                      jax.ShapeDtypeStruct((), jnp.int32))
     leaves = jax.tree.leaves(setup.abstract_state)
-    state = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    state = tree_bytes(setup.abstract_state)
     per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
     fsdp = mesh.shape["fsdp"]
     slices = {getattr(d, "slice_index", 0) for d in devices}
